@@ -1,0 +1,39 @@
+"""CPU preset: the default when no accelerator is present.
+
+Target: a 128×128 LR image at ×2 in at most 10 minutes on a 2-core CPU, kernels still
+recovered. Smaller networks (48-channel PD, 16→128 U-Net over 4 levels, 3×64 SIREN),
+fewer PD steps and a strided reverse process from t = 200 in 25 steps.
+
+    python -m kfjax.main --image x.png --scale 2 --config configs/cpu.py
+
+Expected runtime (2-core CPU, 128×128 RGB at ×2): see the README's evidence table.
+"""
+
+from kfjax import config
+
+
+def get_config():
+  cfg = config.base_config()
+  cfg.name = "cpu"
+  cfg.scale = 2
+  cfg.pd.channels = 48
+  cfg.pd.emb_dim = 64
+  cfg.train.steps = 2000
+  cfg.train.batch_size = 16
+  cfg.train.crop_size = 32
+  cfg.train.lr = 1e-3
+  cfg.train.lr_end = 1e-5
+  cfg.train.steps_per_chunk = 100
+  cfg.train.checkpoint_every = 1000
+  cfg.unet.base_channels = 16
+  cfg.unet.levels = 4
+  cfg.unet.max_channels = 128
+  cfg.kernel.width = 64
+  cfg.kernel.depth = 3
+  cfg.sample.num_steps = 25
+  cfg.sample.n_iter_first = 100
+  cfg.sample.n_iter = 10
+  cfg.sample.lr = 1e-3
+  cfg.sample.lr_end = 1e-4
+  cfg.sample.steps_per_chunk = 5
+  return cfg

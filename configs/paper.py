@@ -1,0 +1,17 @@
+"""The paper's sizes: 128-channel PD on 64-px crops, 32→512 U-Net, 5×256 SIREN, K = 6·s.
+
+Phase 1 uses the 100k-step budget of appendix E (the paper's main runs use 600k:
+``--config.train.steps=600000``). Meant for an accelerator.
+
+    python -m kfjax.main --image x.png --scale 4 --config configs/paper.py
+
+Expected runtime: on a CPU, hours; see BENCHMARKS.md for measured accelerator times.
+"""
+
+from kfjax import config
+
+
+def get_config():
+  cfg = config.base_config()
+  cfg.name = "paper"
+  return cfg

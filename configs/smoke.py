@@ -1,0 +1,36 @@
+"""Smoke preset for tests: tiny networks, a handful of steps; seconds on a CPU.
+
+    python -m kfjax.main --image x.png --scale 2 --config configs/smoke.py
+
+Results are meaningless; it exercises every code path.
+"""
+
+from kfjax import config
+
+
+def get_config():
+  cfg = config.base_config()
+  cfg.name = "smoke"
+  cfg.scale = 2
+  cfg.pd.channels = 8
+  cfg.pd.emb_dim = 8
+  cfg.train.steps = 6
+  cfg.train.batch_size = 2
+  cfg.train.crop_size = 16
+  cfg.train.lr = 1e-3
+  cfg.train.lr_end = 1e-4
+  cfg.train.steps_per_chunk = 3
+  cfg.train.checkpoint_every = 3
+  cfg.unet.base_channels = 4
+  cfg.unet.levels = 2
+  cfg.unet.max_channels = 8
+  cfg.kernel.width = 8
+  cfg.kernel.depth = 2
+  cfg.sample.t_start = 20
+  cfg.sample.num_steps = 4
+  cfg.sample.n_iter_first = 3
+  cfg.sample.n_iter = 2
+  cfg.sample.lr = 1e-3
+  cfg.sample.lr_end = 1e-4
+  cfg.sample.steps_per_chunk = 2
+  return cfg

@@ -1,0 +1,1 @@
+"""The three networks of KernelFusion: patch diffusion, refinement U-Net, kernel INR."""

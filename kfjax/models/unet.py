@@ -1,0 +1,84 @@
+"""Refinement U-Net ``R_θ`` (KernelFusion appendix A.3).
+
+``levels`` resolution levels, ``base_channels`` filters at the top doubling down to the
+bottom (paper: 5 levels, 32 → 512), two 3×3 conv + BatchNorm + ReLU per block, ×2
+max-pool down and transposed-conv up (written as 1×1 conv + depth-to-space), skip connections, tanh output in [−1, 1].
+
+BatchNorm always uses the statistics of the batch it is given (Phase 2 only ever
+trains the U-Net, and its output at every iteration is used), so there is no running
+average state. Inputs whose sides are not multiples of ``2**(levels-1)`` are padded
+symmetrically and the output is cropped back.
+
+``residual=True`` (a kfjax option, not in the paper) adds the input's pre-tanh value
+to the last layer, whose weights then start at zero, so the network starts as the
+identity instead of having to learn it within the first timestep's iterations.
+"""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from kfjax import ops
+
+
+def _upsample(h):
+  """Depth-to-space ×2: a 1×1 conv to 4·C channels followed by this is exactly a
+  2×2, stride-2 transposed convolution (and differentiates fast on XLA:CPU)."""
+  b, hh, ww, c4 = h.shape
+  c = c4 // 4
+  h = h.reshape(b, hh, ww, 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+  return h.reshape(b, 2 * hh, 2 * ww, c)
+
+
+class _Block(nn.Module):
+  features: int
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(2):
+      x = ops.Conv(self.features, (3, 3), dtype=self.dtype)(x)
+      x = nn.BatchNorm(use_running_average=False, dtype=self.dtype)(x)
+      x = nn.relu(x)
+    return x
+
+
+class UNet(nn.Module):
+  """``(B, H, W, C) → (B, H, W, C)`` in [−1, 1]."""
+  out_channels: int = 3
+  base_channels: int = 32
+  levels: int = 5
+  max_channels: int = 512
+  residual: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  def _features(self) -> Sequence[int]:
+    return [min(self.base_channels * 2 ** i, self.max_channels) for i in range(self.levels)]
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    m = 2 ** (self.levels - 1)
+    ph, pw = (-h) % m, (-w) % m
+    x_in = x
+    if ph or pw:
+      x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="symmetric")
+    feats = self._features()
+    hcur = x.astype(self.dtype)
+    skips = []
+    for f in feats[:-1]:
+      hcur = _Block(f, self.dtype)(hcur)
+      skips.append(hcur)
+      hcur = nn.max_pool(hcur, (2, 2), (2, 2))
+    hcur = _Block(feats[-1], self.dtype)(hcur)
+    for f, skip in zip(reversed(feats[:-1]), reversed(skips)):
+      hcur = _upsample(ops.Conv(4 * f, (1, 1), dtype=self.dtype)(hcur))
+      hcur = _Block(f, self.dtype)(jnp.concatenate([hcur, skip], axis=-1))
+    init = nn.initializers.zeros if self.residual else nn.initializers.lecun_normal()
+    out = ops.Conv(self.out_channels, (1, 1), kernel_init=init, dtype=self.dtype,
+                  name="out_conv")(hcur).astype(jnp.float32)
+    out = out[:, :h, :w, :]
+    if self.residual:
+      out = out + jnp.arctanh(jnp.clip(x_in, -0.999, 0.999))
+    return jnp.tanh(out)
