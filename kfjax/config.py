@@ -45,3 +45,20 @@ def base_config():
       pd_tile_batch=0,      # tiles per vmapped batch (0: all at once)
   ))
   return cfg
+
+
+PRESETS = ("paper", "cpu", "smoke")
+
+
+def preset(name):
+  """The ``get_config()`` of ``configs/<name>.py`` (installed as ``kfjax.configs``)."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+  import importlib
+  return importlib.import_module(f"kfjax.configs.{name}").get_config()
+
+
+def preset_path(name):
+  """Filesystem path of a preset file, for ``--config``."""
+  import importlib.resources
+  return str(importlib.resources.files("kfjax.configs") / f"{name}.py")

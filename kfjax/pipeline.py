@@ -1,0 +1,272 @@
+"""KernelFusion end to end: one LR image in, kernel + SR image out.
+
+:func:`run` is what ``python -m kfjax.main`` calls and what a notebook calls::
+
+    from kfjax import pipeline
+    from kfjax.configs import cpu                # or any preset module
+    cfg = cpu.get_config()
+    summary = pipeline.run("photo.png", cfg, workdir="out/photo")
+    print(summary["sr_path"], summary["kernel_path"])
+
+The lower-level pieces are :func:`train_phase1` (returns trained PD parameters) and
+:func:`run_phase2` (returns the HR image and kernel as arrays).
+"""
+
+import json
+import os
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from kfjax import checkpoint as ckpt
+from kfjax import io as kio
+from kfjax import resize
+from kfjax import sampler
+from kfjax import train_pd
+from kfjax.errors import KfjaxError
+from kfjax.models import kernel_net
+
+MIN_LR_SIZE = 16
+
+
+def log(msg):
+  print(f"kfjax: {msg}", flush=True)
+
+
+def device_description():
+  d = jax.devices()[0]
+  kind = getattr(d, "device_kind", d.platform)
+  return f"{d.platform}:{kind} x{jax.device_count()}"
+
+
+def load_kernel(path):
+  """A user-given kernel ``.npy``: square 2-D, finite, non-negative; normalised to sum 1."""
+  try:
+    k = np.load(path, allow_pickle=False)
+  except FileNotFoundError:
+    raise KfjaxError(f"{path}: no such kernel file") from None
+  except (OSError, ValueError) as e:
+    raise KfjaxError(f"{path}: not a readable .npy kernel ({e})") from None
+  k = np.squeeze(k)
+  if k.ndim != 2 or k.shape[0] != k.shape[1] or k.shape[0] < 1:
+    raise KfjaxError(f"{path}: kernel must be a square 2-D array, got shape {k.shape}")
+  if not np.issubdtype(k.dtype, np.number) or not np.all(np.isfinite(k)):
+    raise KfjaxError(f"{path}: kernel must hold finite numbers")
+  k = k.astype(np.float64)
+  if k.min() < 0 or k.sum() <= 0:
+    raise KfjaxError(f"{path}: kernel must be non-negative with a positive sum")
+  return (k / k.sum()).astype(np.float32)
+
+
+def validate_config(cfg):
+  """Raise KfjaxError on config values that cannot work."""
+  checks = [
+      (int(cfg.scale) == cfg.scale and cfg.scale >= 2, f"scale must be an integer >= 2, got {cfg.scale}"),
+      (cfg.train.steps >= 0, "train.steps must be >= 0"),
+      (cfg.train.steps_per_chunk >= 1, "train.steps_per_chunk must be >= 1"),
+      (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+      (cfg.train.crop_size >= 1, "train.crop_size must be >= 1"),
+      (1 <= cfg.sample.num_steps <= cfg.sample.t_start,
+       f"sample.num_steps must be in [1, sample.t_start={cfg.sample.t_start}]"),
+      (cfg.sample.t_start < cfg.diffusion.num_steps,
+       "sample.t_start must be below diffusion.num_steps"),
+      (cfg.sample.n_iter_first >= 1 and cfg.sample.n_iter >= 1, "sample.n_iter* must be >= 1"),
+      (cfg.sample.steps_per_chunk >= 1, "sample.steps_per_chunk must be >= 1"),
+      (cfg.sample.pd_tile >= 0, "sample.pd_tile must be >= 0"),
+      (cfg.kernel.size >= 0, "kernel.size must be >= 0 (0: 6 x scale)"),
+      (cfg.unet.levels >= 1, "unet.levels must be >= 1"),
+  ]
+  for ok, msg in checks:
+    if not ok:
+      raise KfjaxError(msg)
+
+
+def _chunk_size(total, wanted):
+  """The largest divisor of ``total`` that is <= ``wanted`` (one compiled chunk length)."""
+  wanted = max(1, min(wanted, total))
+  return max(d for d in range(1, wanted + 1) if total % d == 0)
+
+
+def pd_fingerprint(cfg, lr_image):
+  """Identifies a trained PD: the image and every field that shapes its training."""
+  return ckpt.fingerprint(np.asarray(lr_image), cfg.pd.to_dict(), cfg.train.to_dict(),
+                          cfg.diffusion.to_dict(), cfg.seed)
+
+
+def train_phase1(cfg, lr_image, workdir=None, show_progress=True):
+  """Train PD on ``lr_image`` (h, w, C in [−1, 1]) or restore it from ``workdir``.
+
+  Returns ``(model, params, info)`` where ``info`` says what happened.
+  """
+  model = train_pd.make_model(cfg, lr_image.shape[-1])
+  sched = train_pd.make_schedule(cfg)
+  tx = train_pd.make_optimizer(cfg)
+  state = train_pd.init_state(cfg, model, tx, lr_image.shape, jax.random.key(cfg.seed))
+  total = int(cfg.train.steps)
+  fp = pd_fingerprint(cfg, lr_image)
+  saver = ckpt.PhaseCheckpoint(workdir, "pd", fp) if workdir else None
+  info = {"steps": total, "restored_step": None, "final_loss": None}
+  if saver is not None:
+    stored = saver.stored_fingerprint()
+    if stored is not None and stored != fp:
+      raise KfjaxError(
+          f"{workdir} holds a patch-diffusion model trained on another image or config; "
+          "use another --workdir (or delete its checkpoints/ folder)")
+    step = saver.latest_step()
+    if step is not None:
+      state = saver.restore(step, state)
+      info["restored_step"] = int(step)
+      log(f"restored patch diffusion from {saver.path} at step {step}/{total}")
+  done = int(state.step)
+  if done >= total:
+    return model, state.params, info
+
+  chunk_len = _chunk_size(total, int(cfg.train.steps_per_chunk))
+  chunk = train_pd.make_train_chunk(cfg, model, sched, tx, lr_image, chunk_len)
+  every = max(int(cfg.train.checkpoint_every), chunk_len)
+  bar = tqdm.tqdm(total=total, initial=done, desc="phase 1 (patch diffusion)", unit="step",
+                  disable=not show_progress, dynamic_ncols=True)
+  last_loss = None
+  pending = None
+  while done < total:
+    state, losses = chunk(state)
+    # Report the previous chunk while this one runs (keeps the host off the hot path).
+    if pending is not None:
+      last_loss = float(jnp.mean(pending))
+      if not np.isfinite(last_loss):
+        raise FloatingPointError(f"phase 1 loss is {last_loss} at step {done}")
+      bar.set_postfix(loss=f"{last_loss:.4f}")
+    pending = losses
+    done += chunk_len
+    bar.update(chunk_len)
+    if saver is not None and (done % every < chunk_len or done >= total):
+      saver.save(done, state)
+  last_loss = float(jnp.mean(pending))
+  bar.set_postfix(loss=f"{last_loss:.4f}")
+  bar.close()
+  if saver is not None:
+    saver.wait()
+  info["final_loss"] = last_loss
+  return model, state.params, info
+
+
+def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, workdir=None,
+               fingerprint_parts=(), show_progress=True):
+  """Reverse diffusion with joint U-Net / kernel optimisation.
+
+  Returns ``(hr_image in [−1, 1], kernel (K, K), info)``; checkpoints every chunk
+  into ``workdir`` and resumes from there.
+  """
+  sched = train_pd.make_schedule(cfg)
+  p2 = sampler.Phase2(cfg, pd_model, pd_params, sched, lr_image.shape, scale, fixed_kernel)
+  lr_image = jnp.asarray(lr_image, jnp.float32)
+  state = p2.init(lr_image, jax.random.key(cfg.seed + 1))
+  rng = jax.random.key(cfg.seed + 2)
+  total = p2.num_steps
+  mode = "nonblind" if fixed_kernel is not None else "blind"
+  fp = ckpt.fingerprint(np.asarray(lr_image), *fingerprint_parts, cfg.unet.to_dict(),
+                        cfg.kernel.to_dict(), cfg.sample.to_dict(), int(scale), mode,
+                        None if fixed_kernel is None else np.asarray(fixed_kernel))
+  saver = ckpt.PhaseCheckpoint(workdir, "phase2", fp) if workdir else None
+  info = {"steps": total, "mode": mode, "restored_step": None}
+  if saver is not None:
+    if saver.stored_fingerprint() not in (None, fp):
+      log("discarding a phase 2 checkpoint made with other settings")
+      saver.reset()
+    step = saver.latest_step()
+    if step is not None:
+      state = saver.restore(step, state)
+      info["restored_step"] = int(step)
+      log(f"resuming phase 2 from step {step}/{total}")
+  chunk_len = _chunk_size(total, int(cfg.sample.steps_per_chunk))
+  chunk = p2.make_chunk(chunk_len)
+  done = int(state.step)
+  bar = tqdm.tqdm(total=total, initial=done, desc=f"phase 2 ({mode} reverse diffusion)",
+                  unit="t", disable=not show_progress, dynamic_ncols=True)
+  metrics = None
+  while done < total:
+    state, metrics = chunk(state, lr_image, rng)
+    done += chunk_len
+    loss = float(metrics.loss[-1])
+    if not np.isfinite(loss):
+      raise FloatingPointError(f"phase 2 loss is {loss} at step {done}")
+    bar.set_postfix(t=int(metrics.t[-1]), loss=f"{loss:.5f}")
+    bar.update(chunk_len)
+    if saver is not None:
+      saver.save(done, state)
+  bar.close()
+  if saver is not None:
+    saver.close()
+  if metrics is not None:
+    info.update(final_loss=float(metrics.loss[-1]), final_consistency_a=float(metrics.cons_a[-1]),
+                final_consistency_b=float(metrics.cons_b[-1]), final_com=float(metrics.com[-1]))
+  hr, kernel = p2.result(state)
+  return np.asarray(hr), np.asarray(kernel), info
+
+
+def run(image_path, cfg, workdir, kernel_path=None, show_progress=True):
+  """Run KernelFusion on one image file and write every output into ``workdir``.
+
+  Outputs: ``sr.png``, ``kernel.npy``, ``kernel.png``, ``bicubic.png``,
+  ``config.json``, ``summary.json``. Returns the summary dict.
+  """
+  t_start = time.time()
+  validate_config(cfg)
+  scale = int(cfg.scale)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    img, info = kio.load_image(image_path, min_size=MIN_LR_SIZE)
+  for w in caught:
+    log(f"warning: {w.message}")
+  fixed = load_kernel(kernel_path) if kernel_path else None
+  os.makedirs(workdir, exist_ok=True)
+  if not os.access(workdir, os.W_OK):
+    raise KfjaxError(f"{workdir}: workdir is not writable")
+  log(f"preset '{cfg.name}' on {device_description()}; image {info.width}x{info.height}x"
+      f"{info.channels} ({info.bit_depth}-bit {info.format}), scale x{scale}, "
+      f"{'non-blind (kernel given)' if fixed is not None else 'blind'}")
+  kio.save_text_atomic(os.path.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2))
+
+  bicubic = np.clip(np.asarray(resize.upscale(jnp.asarray(img), scale)), 0.0, 1.0)
+  kio.save_image(os.path.join(workdir, "bicubic.png"), bicubic, bit_depth=info.bit_depth)
+
+  lr_m = img * 2.0 - 1.0
+  t0 = time.time()
+  pd_model, pd_params, p1 = train_phase1(cfg, lr_m, workdir, show_progress)
+  t1 = time.time()
+  hr, kernel, p2 = run_phase2(cfg, pd_model, pd_params, lr_m, scale, fixed, workdir,
+                              fingerprint_parts=(pd_fingerprint(cfg, lr_m),),
+                              show_progress=show_progress)
+  t2 = time.time()
+
+  sr = np.clip((hr + 1.0) / 2.0, 0.0, 1.0)
+  kernel = kernel_net.export_kernel(kernel)
+  paths = {name: os.path.join(workdir, name) for name in
+           ("sr.png", "kernel.npy", "kernel.png", "bicubic.png", "config.json", "summary.json")}
+  kio.save_image(paths["sr.png"], sr, bit_depth=info.bit_depth)
+  kio.save_array_atomic(paths["kernel.npy"], kernel)
+  kio.save_kernel_png(paths["kernel.png"], kernel)
+  summary = {
+      "image": os.path.abspath(image_path),
+      "preset": cfg.name,
+      "device": device_description(),
+      "mode": p2["mode"],
+      "scale": scale,
+      "lr_size": [info.height, info.width, info.channels],
+      "sr_size": list(sr.shape),
+      "bit_depth": info.bit_depth,
+      "kernel_size": int(kernel.shape[0]),
+      "phase1": {**p1, "seconds": round(t1 - t0, 2)},
+      "phase2": {**p2, "seconds": round(t2 - t1, 2)},
+      "total_seconds": round(time.time() - t_start, 2),
+      "sr_path": os.path.abspath(paths["sr.png"]),
+      "kernel_path": os.path.abspath(paths["kernel.npy"]),
+  }
+  kio.save_text_atomic(paths["summary.json"], json.dumps(summary, indent=2))
+  log(f"done in {summary['total_seconds']:.1f} s (phase 1 {t1 - t0:.1f} s, phase 2 {t2 - t1:.1f} s); "
+      f"outputs in {os.path.abspath(workdir)}")
+  return summary

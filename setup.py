@@ -1,0 +1,37 @@
+"""kfjax: KernelFusion zero-shot blind super-resolution in JAX/Flax."""
+
+import re
+
+from setuptools import setup
+
+with open("kfjax/__init__.py") as f:
+  version = re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
+
+setup(
+    name="kfjax",
+    version=version,
+    description="KernelFusion: zero-shot blind super-resolution via patch diffusion, in JAX",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=["kfjax", "kfjax.models", "kfjax.configs"],
+    package_dir={"kfjax.configs": "configs"},
+    install_requires=[
+        "jax>=0.4.35,<0.12",
+        "flax>=0.10.2,<0.14",
+        "optax>=0.2.3,<0.3",
+        "orbax-checkpoint>=0.10,<0.14",
+        "ml_collections>=0.1.1,<2",
+        "numpy>=1.26,<3",
+        "imageio>=2.31,<3",
+        "tifffile>=2023.7.10",
+        "absl-py>=2.0,<3",
+        "tqdm>=4.65,<5",
+        "scipy>=1.11,<2",            # kernel zoo (kfjax.kernels)
+        "scikit-image>=0.22,<0.27",  # SSIM, and the bundled photos used as examples
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10", "chex>=0.1.87,<0.2"],
+    },
+    entry_points={"console_scripts": ["kfjax=kfjax.main:cli"]},
+)
