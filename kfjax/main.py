@@ -55,7 +55,12 @@ def main(argv):
   # Imported here so that --help and flag errors do not pay for importing JAX.
   from kfjax import pipeline
   from kfjax.errors import KfjaxError
-  cfg = _CONFIG.value
+  try:
+    cfg = _CONFIG.value
+    cfg.name  # a file that failed to load raises on first attribute access
+  except Exception as e:  # config_flags reports a bad file lazily, as a long OSError
+    reason = [ln.strip() for ln in str(e).splitlines() if ln.strip()][-1]
+    _fail(f"cannot load --config: {reason}")
   if _SCALE.value is not None:
     cfg.scale = _SCALE.value
   stem = os.path.splitext(os.path.basename(_IMAGE.value))[0] or "image"
@@ -69,8 +74,15 @@ def main(argv):
     _fail(f"interrupted; finished phases are checkpointed in {workdir} and resume on re-run")
 
 
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(_expand_preset_names(argv))
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0] if str(e) else "bad flags")
+
+
 def cli():
-  app.run(main, flags_parser=lambda argv: flags.FLAGS(_expand_preset_names(argv)))
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,107 @@
+"""Tests for ``kfjax.ops``: the custom-VJP convolution against the plain XLA op."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kfjax import ops
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.fixture(scope="module")
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+def _plain(x, w):
+  return jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=_DN)
+
+
+def _vjps(fn, x, w, g):
+  out, pull = jax.vjp(fn, x, w)
+  return out, pull(g)
+
+
+# (kh, kw, H, W, N, Ci, Co): kernel sizes 1, 2, 3, 5 (and one non-square kernel),
+# non-square images, Ci != Co, batch > 1.
+CASES = [
+    (1, 1, 6, 9, 2, 3, 5),
+    (2, 2, 7, 5, 1, 4, 2),
+    (3, 3, 9, 6, 3, 2, 7),
+    (5, 5, 8, 11, 2, 3, 4),
+    (3, 2, 6, 7, 2, 5, 1),
+]
+
+
+@pytest.mark.parametrize("kh,kw,h,w,n,ci,co", CASES)
+def test_conv2d_forward_and_vjp(x64, kh, kw, h, w, n, ci, co):
+  rng = np.random.default_rng(kh * 10 + kw + h)
+  x = jnp.asarray(rng.normal(size=(n, h, w, ci)))
+  wt = jnp.asarray(rng.normal(size=(kh, kw, ci, co)))
+  g = jnp.asarray(rng.normal(size=(n, h - kh + 1, w - kw + 1, co)))
+  out, (dx, dw) = jax.jit(lambda a, b, c: _vjps(ops.conv2d, a, b, c))(x, wt, g)
+  ref, (dx_ref, dw_ref) = jax.jit(lambda a, b, c: _vjps(_plain, a, b, c))(x, wt, g)
+  assert out.dtype == jnp.float64
+  assert dx.shape == x.shape and dw.shape == wt.shape
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0, atol=1e-12)
+  np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_ref), rtol=0, atol=1e-11)
+  np.testing.assert_allclose(np.asarray(dw), np.asarray(dw_ref), rtol=0, atol=1e-11)
+
+
+def test_conv2d_grad_of_scalar_loss(x64):
+  """Through ``jax.grad`` (not just ``vjp``) and with a nonlinearity after the conv."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 7, 6, 3)))
+  wt = jnp.asarray(rng.normal(size=(3, 3, 3, 4)))
+  loss = lambda f: jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.tanh(f(a, b)) ** 2), (0, 1)))
+  got = loss(ops.conv2d)(x, wt)
+  ref = loss(_plain)(x, wt)
+  for a, b in zip(got, ref):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-11)
+
+
+def test_conv2d_float32_dtypes():
+  x = jnp.ones((1, 5, 5, 2), jnp.float32)
+  wt = jnp.ones((3, 3, 2, 3), jnp.float32)
+  dx, dw = jax.grad(lambda a, b: jnp.sum(ops.conv2d(a, b)), (0, 1))(x, wt)
+  assert dx.dtype == jnp.float32 and dw.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("k,padding", [(1, "SAME"), (2, "SAME"), (3, "SAME"), (4, "SAME"),
+                                       (5, "SAME"), (3, "VALID"), (3, ((1, 2), (0, 1)))])
+def test_conv_module_matches_flax(x64, k, padding):
+  rng = np.random.default_rng(k)
+  x = jnp.asarray(rng.normal(size=(2, 7, 10, 3)))
+  ours = ops.Conv(5, (k, k), padding=padding, param_dtype=jnp.float64, dtype=jnp.float64)
+  theirs = nn.Conv(5, (k, k), padding=padding, param_dtype=jnp.float64, dtype=jnp.float64)
+  params = ours.init(jax.random.PRNGKey(0), x)
+  # Random bias too, so that the bias gradient is not trivially the same.
+  params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
+  assert jax.tree.structure(params) == jax.tree.structure(theirs.init(jax.random.PRNGKey(0), x))
+  wts = jnp.asarray(rng.normal(size=theirs.apply(params, x).shape))
+
+  def value_and_grads(model):
+    f = lambda p, a: jnp.sum(jnp.sin(model.apply(p, a)) * wts)
+    return jax.jit(lambda p, a: (model.apply(p, a), jax.grad(f, (0, 1))(p, a)))(params, x)
+
+  out, (gp, gx) = value_and_grads(ours)
+  ref, (gp_ref, gx_ref) = value_and_grads(theirs)
+  assert out.shape == ref.shape
+  if padding == "SAME":
+    assert out.shape == (2, 7, 10, 5)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0, atol=1e-12)
+  np.testing.assert_allclose(np.asarray(gx), np.asarray(gx_ref), rtol=0, atol=1e-11)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0,
+                                                       atol=1e-11), gp, gp_ref)
+
+
+@pytest.mark.parametrize("kwargs", [dict(strides=(2, 2)), dict(kernel_dilation=(2, 2)),
+                                    dict(feature_group_count=2)])
+def test_conv_module_rejects_unsupported(kwargs):
+  x = jnp.ones((1, 8, 8, 4))
+  with pytest.raises(NotImplementedError):
+    ops.Conv(4, (3, 3), **kwargs).init(jax.random.PRNGKey(0), x)
