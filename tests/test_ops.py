@@ -71,25 +71,28 @@ def test_conv2d_float32_dtypes():
   assert dx.dtype == jnp.float32 and dw.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("k,padding", [(1, "SAME"), (2, "SAME"), (3, "SAME"), (4, "SAME"),
-                                       (5, "SAME"), (3, "VALID"), (3, ((1, 2), (0, 1)))])
+@pytest.mark.parametrize("k,padding", [(2, "SAME"), (3, "SAME"), (4, "SAME"),
+                                       (3, ((1, 2), (0, 1)))])
 def test_conv_module_matches_flax(x64, k, padding):
   rng = np.random.default_rng(k)
   x = jnp.asarray(rng.normal(size=(2, 7, 10, 3)))
   ours = ops.Conv(5, (k, k), padding=padding, param_dtype=jnp.float64, dtype=jnp.float64)
   theirs = nn.Conv(5, (k, k), padding=padding, param_dtype=jnp.float64, dtype=jnp.float64)
-  params = ours.init(jax.random.PRNGKey(0), x)
-  # Random bias too, so that the bias gradient is not trivially the same.
-  params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
-  assert jax.tree.structure(params) == jax.tree.structure(theirs.init(jax.random.PRNGKey(0), x))
-  wts = jnp.asarray(rng.normal(size=theirs.apply(params, x).shape))
+  # Same parameter tree for both (checked by shape only: running ``init`` eagerly is slow),
+  # random bias too so that the bias gradient is not trivially the same.
+  shapes = jax.eval_shape(ours.init, jax.random.PRNGKey(0), x)
+  assert jax.tree.structure(shapes) == jax.tree.structure(
+      jax.eval_shape(theirs.init, jax.random.PRNGKey(0), x))
+  params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), shapes)
+  out_shape = jax.eval_shape(theirs.apply, params, x).shape
+  wts = jnp.asarray(rng.normal(size=out_shape))
 
-  def value_and_grads(model):
-    f = lambda p, a: jnp.sum(jnp.sin(model.apply(p, a)) * wts)
-    return jax.jit(lambda p, a: (model.apply(p, a), jax.grad(f, (0, 1))(p, a)))(params, x)
+  def value_and_grads(model, p, a):
+    f = lambda pp, aa: jnp.sum(jnp.sin(model.apply(pp, aa)) * wts)
+    return model.apply(p, a), jax.grad(f, (0, 1))(p, a)
 
-  out, (gp, gx) = value_and_grads(ours)
-  ref, (gp_ref, gx_ref) = value_and_grads(theirs)
+  both = jax.jit(lambda p, a: (value_and_grads(ours, p, a), value_and_grads(theirs, p, a)))
+  (out, (gp, gx)), (ref, (gp_ref, gx_ref)) = both(params, x)
   assert out.shape == ref.shape
   if padding == "SAME":
     assert out.shape == (2, 7, 10, 5)
@@ -104,4 +107,4 @@ def test_conv_module_matches_flax(x64, k, padding):
 def test_conv_module_rejects_unsupported(kwargs):
   x = jnp.ones((1, 8, 8, 4))
   with pytest.raises(NotImplementedError):
-    ops.Conv(4, (3, 3), **kwargs).init(jax.random.PRNGKey(0), x)
+    jax.eval_shape(ops.Conv(4, (3, 3), **kwargs).init, jax.random.PRNGKey(0), x)

@@ -1,0 +1,240 @@
+"""Phase 1 (``train_pd``) and Phase 2 (``sampler``) end to end with the smoke preset.
+
+Every jitted program is compiled once per module (module-scoped fixtures). PRNG keys
+are ``unsafe_rbg`` keys: the code under test only splits / folds / draws from the keys
+it is given, and threefry-based parameter initialisation takes seconds to compile on
+XLA:CPU, which would dominate these tests.
+"""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kfjax import degrade
+from kfjax import sampler
+from kfjax import schedule as sch
+from kfjax import train_pd
+from kfjax.models import kernel_net
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LR_SHAPE = (20, 24, 3)
+SCALE = 2
+
+
+def _key(seed):
+  return jax.random.key(seed, impl="unsafe_rbg")
+
+
+def _smoke_config():
+  spec = importlib.util.spec_from_file_location("_smoke_preset",
+                                                os.path.join(ROOT, "configs", "smoke.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def _lr_image():
+  """A smooth, deterministic test image in [-1, 1] (plus a little texture)."""
+  h, w, c = LR_SHAPE
+  yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
+  chans = [np.sin(3 * xx + 2 * yy + i) * 0.6 + 0.2 * np.cos(9 * yy - i) for i in range(c)]
+  img = np.stack(chans, -1)
+  img += 0.05 * np.random.default_rng(0).normal(size=img.shape)
+  return np.clip(img, -1, 1).astype(np.float32)
+
+
+# -- Phase 1 -----------------------------------------------------------------------------
+
+P1_STEPS = 30
+P1_CHUNK = 10
+
+
+@pytest.fixture(scope="module")
+def phase1():
+  cfg = _smoke_config()
+  cfg.train.steps = P1_STEPS
+  cfg.train.lr = 1e-2
+  cfg.train.lr_end = 1e-3
+  cfg.train.batch_size = 8
+  image = _lr_image()
+  model = train_pd.make_model(cfg, LR_SHAPE[-1])
+  sched = train_pd.make_schedule(cfg)
+  tx = train_pd.make_optimizer(cfg)
+  state = jax.jit(lambda k: train_pd.init_state(cfg, model, tx, LR_SHAPE, k))(_key(0))
+  chunk = train_pd.make_train_chunk(cfg, model, sched, tx, image, P1_CHUNK)
+  losses = []
+  for _ in range(P1_STEPS // P1_CHUNK):
+    state, chunk_losses = chunk(state)
+    losses.append(np.asarray(chunk_losses))
+  return dict(cfg=cfg, model=model, sched=sched, state=state, chunk=chunk,
+              losses=np.concatenate(losses))
+
+
+def test_phase1_chunk_traces_once(phase1):
+  assert phase1["chunk"]._cache_size() == 1
+
+
+def test_phase1_state(phase1):
+  state, losses = phase1["state"], phase1["losses"]
+  assert int(state.step) == P1_STEPS
+  assert losses.shape == (P1_STEPS,)
+  assert np.all(np.isfinite(losses))
+  for leaf in jax.tree.leaves(state.params):
+    assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def test_phase1_loss_decreases(phase1):
+  losses = phase1["losses"]
+  assert losses[-5:].mean() < 0.8 * losses[:5].mean(), losses
+
+
+def test_phase1_crop_size():
+  cfg = _smoke_config()
+  assert train_pd.crop_size(cfg, (100, 100, 3)) == cfg.train.crop_size
+  assert train_pd.crop_size(cfg, (9, 100, 3)) == 9
+  assert train_pd.crop_size(cfg, (100, 5, 1)) == 5
+
+
+def test_phase1_loss_fn_zero_for_perfect_model():
+  """``loss_fn`` compares the model output with the centre of ``v``: a stand-in model
+  that returns exactly that gives zero loss (pins the halo cropping)."""
+  cfg = _smoke_config()
+  sched = train_pd.make_schedule(cfg)
+  rng = np.random.default_rng(1)
+  batch = jnp.asarray(rng.uniform(-1, 1, size=(2, 30, 30, 3)), jnp.float32)
+  noise = jnp.asarray(rng.normal(size=batch.shape), jnp.float32)
+  t = jnp.asarray([3, 900])
+  v = sch.v_target(sched, batch, t[:, None, None, None], noise)
+
+  class Oracle:
+    def apply(self, params, x_t, tt):
+      del params
+      # v = a·x_t' with x_t = a x0 + b eps: reconstruct v exactly from x_t and the clean batch.
+      a, b = jnp.sqrt(sched.alpha_bar[tt]), jnp.sqrt(1 - sched.alpha_bar[tt])
+      a, b = a[:, None, None, None], b[:, None, None, None]
+      eps = (x_t - a * batch) / b
+      return (a * eps - b * batch)[:, 7:-7, 7:-7, :]
+
+  loss = float(train_pd.loss_fn(Oracle(), sched, None, batch, t, noise))
+  assert loss < 1e-8
+  assert float(jnp.mean(v ** 2)) > 0.1
+
+
+# -- Phase 2 -----------------------------------------------------------------------------
+
+P2_N_FIRST = 30
+
+
+def _phase2_run(cfg, pd_model, pd_params, sched, lr_image, fixed_kernel, seed):
+  p2 = sampler.Phase2(cfg, pd_model, pd_params, sched, LR_SHAPE, SCALE,
+                      fixed_kernel=fixed_kernel)
+  state = jax.jit(p2.init)(lr_image, _key(seed))
+  init_state = state
+  steps = int(cfg.sample.steps_per_chunk)
+  chunk = p2.make_chunk(steps)
+  metrics = []
+  rng = _key(seed + 1)
+  for _ in range(p2.num_steps // steps):
+    state, m = chunk(state, lr_image, rng)
+    metrics.append(jax.tree.map(np.asarray, m))
+  metrics = sampler.Phase2Metrics(*[np.concatenate(f) for f in zip(*metrics)])
+  return dict(p2=p2, init=init_state, state=state, chunk=chunk, metrics=metrics)
+
+
+@pytest.fixture(scope="module")
+def phase2_blind(phase1):
+  cfg = _smoke_config()
+  cfg.sample.n_iter_first = P2_N_FIRST
+  lr_image = jnp.asarray(_lr_image())
+  out = _phase2_run(cfg, phase1["model"], phase1["state"].params, phase1["sched"], lr_image,
+                    None, 3)
+  out.update(cfg=cfg, lr_image=lr_image)
+  return out
+
+
+@pytest.fixture(scope="module")
+def phase2_nonblind(phase1):
+  cfg = _smoke_config()
+  k = np.zeros((12, 12), np.float32)
+  k[4:8, 4:8] = 1.0 / 16  # centred 4×4 box: K = 12 and s = 2 have the same parity
+  lr_image = jnp.asarray(_lr_image())
+  out = _phase2_run(cfg, phase1["model"], phase1["state"].params, phase1["sched"], lr_image,
+                    k, 5)
+  out.update(kernel=k)
+  return out
+
+
+def test_phase2_steps_and_traces(phase2_blind):
+  p2, state, chunk = phase2_blind["p2"], phase2_blind["state"], phase2_blind["chunk"]
+  cfg = phase2_blind["cfg"]
+  assert p2.num_steps == cfg.sample.num_steps
+  assert p2.num_steps % cfg.sample.steps_per_chunk == 0
+  assert p2.num_steps // cfg.sample.steps_per_chunk >= 2  # really called more than once
+  assert int(state.step) == p2.num_steps
+  assert chunk._cache_size() == 1
+
+
+def test_phase2_init(phase2_blind):
+  init = phase2_blind["init"]
+  hr = (LR_SHAPE[0] * SCALE, LR_SHAPE[1] * SCALE, LR_SHAPE[2])
+  assert int(init.step) == 0
+  assert init.x.shape == init.x0.shape == hr
+  assert set(init.params) == {"unet", "kernel"}
+  assert float(jnp.abs(init.x0).max()) <= 1.0
+
+
+def test_phase2_result(phase2_blind):
+  p2, state = phase2_blind["p2"], phase2_blind["state"]
+  x0, k = p2.result(state)
+  x0, k = np.asarray(x0), np.asarray(k)
+  assert x0.shape == (LR_SHAPE[0] * SCALE, LR_SHAPE[1] * SCALE, LR_SHAPE[2])
+  assert np.all(np.isfinite(x0))
+  assert x0.min() >= -1.0 and x0.max() <= 1.0
+  ksize = sampler.kernel_size(phase2_blind["cfg"], SCALE)
+  assert k.shape == (ksize, ksize) == (12, 12)
+  assert abs(k.sum() - 1.0) < 1e-5 and k.min() >= -1e-4
+  e = kernel_net.export_kernel(k)
+  assert e.min() >= 0 and abs(float(e.sum()) - 1.0) < 1e-5
+  # The result is consistent with the LR image to within the reported metric.
+  cons = float(jnp.mean((degrade.downscale(jnp.asarray(x0), jnp.asarray(k), SCALE)
+                         - phase2_blind["lr_image"]) ** 2))
+  assert np.isfinite(cons)
+
+
+def test_phase2_metrics(phase2_blind):
+  m, p2 = phase2_blind["metrics"], phase2_blind["p2"]
+  for f in m:
+    assert f.shape == (p2.num_steps,)
+    assert np.all(np.isfinite(f))
+  np.testing.assert_array_equal(m.t, np.asarray(p2.ts[1:]))
+  assert m.t[-1] == 1
+  np.testing.assert_allclose(m.loss, m.cons_a + m.cons_b + phase2_blind["cfg"].sample.com_weight
+                             * m.com, rtol=1e-5, atol=1e-7)
+  assert np.all(m.cons_a >= 0) and np.all(m.com >= 0)
+
+
+def test_phase2_consistency_decreases(phase2_blind):
+  """With 30 iterations at the first step, the LR consistency of the U-Net output at the
+  end is below its value at the end of the first step (fixed seeds: deterministic)."""
+  m = phase2_blind["metrics"]
+  assert m.cons_a[-1] < m.cons_a[0], m.cons_a
+
+
+def test_phase2_nonblind(phase2_nonblind):
+  p2, state = phase2_nonblind["p2"], phase2_nonblind["state"]
+  assert "kernel" not in state.params and set(state.params) == {"unet"}
+  assert "kernel" not in phase2_nonblind["init"].params
+  assert int(state.step) == p2.num_steps
+  assert phase2_nonblind["chunk"]._cache_size() == 1
+  x0, k = p2.result(state)
+  np.testing.assert_array_equal(np.asarray(k), phase2_nonblind["kernel"])
+  assert np.all(np.isfinite(np.asarray(x0)))
+  assert float(jnp.abs(x0).max()) <= 1.0
+  m = phase2_nonblind["metrics"]
+  assert all(np.all(np.isfinite(f)) for f in m)
+  # COM of a centred kernel is zero throughout.
+  np.testing.assert_allclose(m.com, 0.0, atol=1e-10)
