@@ -35,6 +35,7 @@ def base_config():
   cfg.sample = ml_collections.ConfigDict(dict(
       t_start=200,          # first noise level (unofficial port: 200)
       num_steps=200,        # reverse steps from t_start to 1 (200 = every step)
+      eta=1.0,              # 1: DDPM posterior step (Algorithm 1); 0: deterministic DDIM
       n_iter_first=100,
       n_iter=20,
       lr=1e-4,

@@ -12,8 +12,9 @@ within the step, Adam moments carried across steps) minimise::
     L   = mse(I_LR, (a*k)↓s) + mse(I_LR, (b*k)↓s) + λ_com·COM(k)
 
 then ``x0 ← b`` and ``x ← x_s`` (both from the last iteration). The result is the
-final ``b`` and the kernel. The inner loop is a ``fori_loop`` (its length differs at
-the first step), the loop over steps a ``lax.scan``; :func:`make_phase2_chunk`
+final ``b`` and the kernel. The inner loop is a ``lax.scan`` as long as the longest step
+(iterations past a step's own count are skipped by ``lax.cond``), the loop over steps a
+``lax.scan`` too; :func:`make_phase2_chunk`
 compiles ``chunk`` steps into one program, and ``chunk = num_steps`` makes the whole
 of Phase 2 a single dispatch. ``--kernel`` mode (non-blind) fixes ``k``.
 """
@@ -110,7 +111,7 @@ class Phase2:
   def _forward(self, params, x, x0, t, s, xi, lr_image):
     k = self.kernel(params)
     a = self.unet_apply(params, x0)
-    x_s = sch.posterior_sample(self.sched, a, x, t, s, xi)
+    x_s = sch.posterior_sample(self.sched, a, x, t, s, xi, float(self.cfg.sample.eta))
     v = self.pd_apply(x_s, s)
     b = self.unet_apply(params, sch.x0_from_v(self.sched, x_s, s, v))
     cons_a = jnp.mean((degrade.downscale(a, k, self.scale) - lr_image) ** 2)
@@ -146,7 +147,7 @@ class Phase2:
       grad_fn = jax.value_and_grad(
           lambda p: self._forward(p, state.x, state.x0, t, s, xi, lr_image), has_aux=True)
 
-      def inner(j, c):
+      def iteration(c, j):
         params, opt_state, _ = c
         (loss, aux), grads = grad_fn(params)
         frac = j.astype(jnp.float32) / n.astype(jnp.float32)
@@ -155,9 +156,15 @@ class Phase2:
         params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
         return params, opt_state, (loss, aux)
 
+      def inner(c, j):
+        # The scan is as long as the longest step; later steps skip the surplus
+        # iterations (lax.cond runs one branch, so a skipped iteration costs nothing).
+        c = jax.lax.cond(j < n, iteration, lambda c, j: c, c, j)
+        return c, None
+
       dummy = (jnp.zeros(()), (state.x, state.x0, jnp.zeros(()), jnp.zeros(()), jnp.zeros(())))
-      params, opt_state, (loss, (x_s, b, ca, cb, com)) = jax.lax.fori_loop(
-          0, n, inner, (state.params, state.opt_state, dummy))
+      (params, opt_state, (loss, (x_s, b, ca, cb, com))), _ = jax.lax.scan(
+          inner, (state.params, state.opt_state, dummy), jnp.arange(max(n_first, n_iter)))
       new = Phase2State(i + 1, params, opt_state, x_s, b)
       return (new, lr_image, rng), Phase2Metrics(s, loss, ca, cb, com)
 

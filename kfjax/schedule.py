@@ -84,10 +84,23 @@ def posterior(sched, t, s):
   return c0, ct, var
 
 
-def posterior_sample(sched, x0, x_t, t, s, noise):
-  """``x_s = mean + sqrt(var)·noise`` (``var`` is 0 when ``s == 0``)."""
+def posterior_sample(sched, x0, x_t, t, s, noise, eta=1.0):
+  """One reverse step ``x_t → x_s`` given an estimate of ``x0`` (DDIM family).
+
+  ``eta = 1`` is the DDPM posterior ``mean + sqrt(var)·noise`` (Algorithm 1); ``eta = 0``
+  is deterministic DDIM. In general, with ``eps = (x_t − sqrt(ab_t)·x0)/sqrt(1 − ab_t)``
+  and ``sigma = eta·sqrt(var)``::
+
+      x_s = sqrt(ab_s)·x0 + sqrt(1 − ab_s − sigma²)·eps + sigma·noise
+  """
   c0, ct, var = posterior(sched, t, s)
-  return c0 * x0 + ct * x_t + jnp.sqrt(var) * noise
+  if isinstance(eta, (int, float)) and eta == 1.0:
+    return c0 * x0 + ct * x_t + jnp.sqrt(var) * noise
+  ab_t, ab_s = sched.alpha_bar[t], sched.alpha_bar[s]
+  eps = (x_t - jnp.sqrt(ab_t) * x0) / jnp.sqrt(1.0 - ab_t)
+  sigma = eta * jnp.sqrt(var)
+  return (jnp.sqrt(ab_s) * x0 + jnp.sqrt(jnp.maximum(1.0 - ab_s - sigma ** 2, 0.0)) * eps
+          + sigma * noise)
 
 
 def sampling_timesteps(t_start, num_steps):
