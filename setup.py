@@ -25,6 +25,7 @@ setup(
         "numpy>=1.26,<3",
         "imageio>=2.31,<3",
         "tifffile>=2023.7.10",
+        "imagecodecs>=2024.6.1",     # 16-bit PNG (Pillow reads colour ones at 8 bits)
         "absl-py>=2.0,<3",
         "tqdm>=4.65,<5",
         "scipy>=1.11,<2",            # kernel zoo (kfjax.kernels)

@@ -30,7 +30,7 @@ def get_config():
   cfg.unet.max_channels = 128
   cfg.kernel.width = 64
   cfg.kernel.depth = 3
-  cfg.sample.num_steps = 25
+  cfg.sample.num_steps = 20
   cfg.sample.n_iter_first = 100
   cfg.sample.n_iter = 10
   cfg.sample.lr = 1e-3

@@ -5,13 +5,14 @@ Images come in as float32 (H, W, C) arrays in [0, 1] with C = 1 (gray) or 3 (RGB
 the target's directory and renames it over the target, so a crash never leaves a half-written file.
 
 Pillow (imageio's PNG/JPEG backend) reads 16-bit colour PNGs at 8-bit precision and cannot write
-them, so 16-bit PNGs are encoded and decoded here with zlib and numpy.
+them, so 16-bit PNGs are read and written with imagecodecs (libpng) instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import struct
 import tempfile
@@ -19,13 +20,14 @@ import warnings
 import zlib
 
 import imageio.v3 as iio
+import imagecodecs
 import numpy as np
 
 from kfjax.errors import KfjaxError
 
 _PNG_SIG = b'\x89PNG\r\n\x1a\n'
 _SAVE_FORMATS = {'.png': 'PNG', '.tif': 'TIFF', '.tiff': 'TIFF', '.jpg': 'JPEG', '.jpeg': 'JPEG'}
-_PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # PNG colour type -> samples per pixel
+_PNG_CRITICAL = (b'IHDR', b'PLTE', b'IDAT', b'IEND')
 
 
 def _get_umask() -> int:
@@ -117,18 +119,72 @@ def _one_line(err: Exception, limit: int = 200) -> str:
 
 def _read_pixels(path: str, fmt: str | None, head: bytes) -> np.ndarray:
   """First frame as stored: (H, W) or (H, W, S) of uint8/uint16/bool/float."""
-  if fmt == 'PNG' and len(head) >= 29 and head[24] == 16:  # IHDR bit depth
-    if head[28] == 0:  # not interlaced
-      with open(path, 'rb') as f:
-        return _decode_png(f.read())
-    if head[25] != 0:
-      warnings.warn(f'{path}: interlaced 16-bit colour PNG; read at 8-bit precision', stacklevel=3)
+  if fmt == 'PNG' and len(head) >= 25 and head[24] == 16:  # IHDR bit depth
+    return _read_png16(path)
   if fmt == 'TIFF':
     return _read_tiff(path)
   with iio.imopen(path, 'r', plugin='pillow') as f:
     mode = f.metadata(index=0).get('mode')
     convert = 'RGB' if mode in ('CMYK', 'YCbCr', 'LAB', 'HSV') else None
     return f.read(index=0, mode=convert, rotate=True)
+
+
+def _read_png16(path: str) -> np.ndarray:
+  """A 16-bit PNG's samples as stored (any colour type, interlaced or not): (H, W) or (H, W, S)
+  uint16, decoded by libpng through imagecodecs (no sBIT shift, no gamma).
+
+  The chunk structure is checked here first: libpng stops reading after the image data, so it
+  would accept a file whose IEND chunk is missing or damaged, and it skips ancillary chunks with
+  bad checksums; checking up front also keeps truncated files away from imagecodecs' error path.
+  """
+  with open(path, 'rb') as f:
+    data = f.read()
+  _check_png_chunks(data)
+  quiet = _DropPngWarnings()  # e.g. imagecodecs' own 'Interlace handling should be turned on'
+  _IMAGECODECS_LOG.addFilter(quiet)
+  try:
+    arr = imagecodecs.png_decode(data)
+  finally:
+    _IMAGECODECS_LOG.removeFilter(quiet)
+  if data[25] in (0, 2) and arr.ndim == 3 and arr.shape[2] in (2, 4):
+    arr = arr[..., :-1]  # imagecodecs turns a tRNS colour key into alpha; the file has none
+  return arr
+
+
+def _check_png_chunks(data: bytes) -> None:
+  """Raise ValueError unless `data` (starting with the PNG signature) is a sequence of whole
+  chunks with correct CRCs, no unknown critical chunk, ending with IEND (bytes after it are
+  ignored)."""
+  view = memoryview(data)
+  pos = len(_PNG_SIG)
+  while True:
+    if pos + 12 > len(data):
+      raise ValueError(f'file is truncated: it ends after {len(data)} bytes without an IEND chunk')
+    length, kind = struct.unpack_from('>I4s', data, pos)
+    name = kind.decode('ascii', 'replace')
+    end = pos + 12 + length
+    if length >= 2 ** 31 or end > len(data):
+      raise ValueError(f'file is truncated or damaged: the {name!r} chunk at byte {pos} runs past '
+                       f'the end of the file ({len(data)} bytes)')
+    if zlib.crc32(view[pos + 4:end - 4]) != struct.unpack_from('>I', data, end - 4)[0]:
+      raise ValueError(f'checksum error in the {name!r} chunk at byte {pos}')
+    if pos == len(_PNG_SIG) and (kind != b'IHDR' or length != 13):
+      raise ValueError(f'the first chunk is {name!r}, not a 13-byte IHDR')
+    if not kind[0] & 0x20 and kind not in _PNG_CRITICAL:
+      raise ValueError(f'unknown critical chunk {name!r} at byte {pos}')
+    if kind == b'IEND':
+      return
+    pos = end
+
+
+class _DropPngWarnings(logging.Filter):
+  """Drops imagecodecs' log records of libpng warnings, none of which concern the pixels read."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith('PNG')
+
+
+_IMAGECODECS_LOG = logging.getLogger('imagecodecs')
 
 
 def _read_tiff(path: str) -> np.ndarray:
@@ -179,96 +235,6 @@ def _to_float(arr: np.ndarray, path: str) -> tuple[np.ndarray, int, bool]:
 
 
 # ----------------------------------------------------------------------------------------------
-# A minimal PNG codec for 16-bit files (non-interlaced, colour types 0/2/4/6, depth 8 or 16)
-
-
-def _png_chunk(kind: bytes, body: bytes) -> bytes:
-  return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))
-
-
-def _png_chunks(data: bytes):
-  """Yield (type, body) for each chunk up to IEND; checks CRCs of the chunks we use."""
-  if not data.startswith(_PNG_SIG):
-    raise ValueError('missing PNG signature')
-  pos = len(_PNG_SIG)
-  while pos + 8 <= len(data):
-    n, kind = struct.unpack('>I4s', data[pos:pos + 8])
-    body, crc = data[pos + 8:pos + 8 + n], data[pos + 8 + n:pos + 12 + n]
-    if len(body) != n or len(crc) != 4:
-      raise ValueError('truncated file')
-    if kind in (b'IHDR', b'IDAT') and struct.unpack('>I', crc)[0] != zlib.crc32(kind + body):
-      raise ValueError(f'bad CRC in {kind.decode()} chunk')
-    yield kind, body
-    if kind == b'IEND':
-      return
-    pos += 12 + n
-  raise ValueError('truncated file (no IEND chunk)')
-
-
-def _decode_png(data: bytes) -> np.ndarray:
-  """Decode a non-interlaced 8/16-bit gray/GA/RGB/RGBA PNG to (H, W) or (H, W, S) uint8/uint16."""
-  chunks = list(_png_chunks(data))
-  if chunks[0][0] != b'IHDR' or len(chunks[0][1]) != 13:
-    raise ValueError('missing IHDR chunk')
-  w, h, depth, ctype, _, _, interlace = struct.unpack('>IIBBBBB', chunks[0][1])
-  samples = _PNG_CHANNELS.get(ctype)
-  if samples is None or depth not in (8, 16) or interlace or not (w and h):
-    raise ValueError(f'unsupported PNG variant (colour type {ctype}, depth {depth})')
-  bpp = samples * depth // 8
-  raw = zlib.decompress(b''.join(body for kind, body in chunks if kind == b'IDAT'))
-  if len(raw) < h * (1 + w * bpp):
-    raise ValueError('truncated image data')
-  rows = np.frombuffer(raw, np.uint8, count=h * (1 + w * bpp)).reshape(h, 1 + w * bpp)
-  px = _png_unfilter(rows[:, 0], rows[:, 1:].reshape(h, w, bpp))
-  arr = px.view('>u2').astype(np.uint16) if depth == 16 else px
-  return arr[..., 0] if samples == 1 else arr
-
-
-def _png_unfilter(ftype: np.ndarray, filt: np.ndarray) -> np.ndarray:
-  """Undo PNG row filters. filt: (H, W, bpp) filtered bytes; returns the (H, W, bpp) raw bytes."""
-  h, w, bpp = filt.shape
-  if ftype.max(initial=0) > 4:
-    raise ValueError(f'bad PNG filter type {ftype.max()}')
-  if ftype.max(initial=0) <= 2:  # None / Sub / Up only: vectorised, uint8 sums wrap mod 256
-    f = filt.copy()
-    sub = ftype == 1
-    f[sub] = np.cumsum(f[sub], axis=1, dtype=np.uint8)  # Sub: running sum along each row
-    # Up: running sum down each run of rows that starts at a row whose filter is not Up.
-    start = np.maximum.accumulate(np.where(ftype != 2, np.arange(h), 0))
-    total = np.concatenate([np.zeros((1, w, bpp), np.uint8), np.cumsum(f, axis=0, dtype=np.uint8)])
-    return total[1:] - total[start]
-  # Average / Paeth depend on the left neighbour: sweep anti-diagonals r + x = d.
-  out = np.zeros((h + 1, w + 1, bpp), np.int16)  # a row and a column of zero padding in front
-  f = filt.astype(np.int16)
-  t = ftype.astype(np.int16)[:, None]
-  for d in range(h + w - 1):
-    r = np.arange(max(0, d - w + 1), min(h, d + 1))
-    x = d - r
-    a, b, c = out[r + 1, x], out[r, x + 1], out[r, x]
-    p = a + b - c
-    pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
-    paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
-    tr = t[r]
-    pred = np.select([tr == 1, tr == 2, tr == 3, tr == 4], [a, b, (a + b) >> 1, paeth], 0)
-    out[r + 1, x + 1] = (f[r, x] + pred) & 255
-  return out[1:, 1:].astype(np.uint8)
-
-
-def _encode_png16(arr: np.ndarray) -> bytes:
-  """uint16 (H, W) or (H, W, 3) -> PNG bytes (Sub filter on every row)."""
-  h, w = arr.shape[:2]
-  samples = 1 if arr.ndim == 2 else arr.shape[2]
-  raw = np.ascontiguousarray(arr, dtype='>u2').view(np.uint8).reshape(h, w * 2 * samples)
-  bpp = 2 * samples
-  filt = raw.copy()
-  filt[:, bpp:] -= raw[:, :-bpp]
-  body = np.concatenate([np.ones((h, 1), np.uint8), filt], axis=1).tobytes()
-  ihdr = struct.pack('>IIBBBBB', w, h, 16, {1: 0, 3: 2}[samples], 0, 0, 0)
-  return (_PNG_SIG + _png_chunk(b'IHDR', ihdr) + _png_chunk(b'IDAT', zlib.compress(body, 6))
-          + _png_chunk(b'IEND', b''))
-
-
-# ----------------------------------------------------------------------------------------------
 # Saving
 
 
@@ -299,8 +265,9 @@ def save_image(path, img, bit_depth: int = 8) -> None:
 
   def write(tmp):
     if fmt == 'PNG' and bit_depth == 16:
+      encoded = imagecodecs.png_encode(np.ascontiguousarray(data))  # (H, W) gray or (H, W, 3)
       with open(tmp, 'wb') as f:
-        f.write(_encode_png16(data))
+        f.write(encoded)
     elif fmt == 'TIFF':
       iio.imwrite(tmp, data, plugin='tifffile',
                   photometric='minisblack' if data.ndim == 2 else 'rgb')

@@ -105,7 +105,9 @@ def train_phase1(cfg, lr_image, workdir=None, show_progress=True):
   model = train_pd.make_model(cfg, lr_image.shape[-1])
   sched = train_pd.make_schedule(cfg)
   tx = train_pd.make_optimizer(cfg)
-  state = train_pd.init_state(cfg, model, tx, lr_image.shape, jax.random.key(cfg.seed))
+  # Jitted: eager parameter initialisation costs seconds per layer on CPU.
+  state = jax.jit(lambda k: train_pd.init_state(cfg, model, tx, lr_image.shape, k))(
+      jax.random.key(cfg.seed))
   total = int(cfg.train.steps)
   fp = pd_fingerprint(cfg, lr_image)
   saver = ckpt.PhaseCheckpoint(workdir, "pd", fp) if workdir else None
@@ -164,7 +166,7 @@ def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, wor
   sched = train_pd.make_schedule(cfg)
   p2 = sampler.Phase2(cfg, pd_model, pd_params, sched, lr_image.shape, scale, fixed_kernel)
   lr_image = jnp.asarray(lr_image, jnp.float32)
-  state = p2.init(lr_image, jax.random.key(cfg.seed + 1))
+  state = jax.jit(p2.init)(lr_image, jax.random.key(cfg.seed + 1))
   rng = jax.random.key(cfg.seed + 2)
   total = p2.num_steps
   mode = "nonblind" if fixed_kernel is not None else "blind"

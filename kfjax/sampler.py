@@ -88,6 +88,8 @@ class Phase2:
     self.kernel_net = make_kernel_net(cfg, scale)
     self.fixed_kernel = None if fixed_kernel is None else jnp.asarray(fixed_kernel, jnp.float32)
     self.ts = jnp.asarray(timesteps(cfg))
+    if int(self.ts[0]) > sched.num_steps:
+      raise ValueError(f"sample.t_start must be below diffusion.num_steps ({sched.num_steps})")
     self.num_steps = int(cfg.sample.num_steps)
     self.tx = optax.scale_by_adam()
 

@@ -6,6 +6,7 @@ import warnings
 import zlib
 
 import imageio.v3 as iio
+import imagecodecs
 import numpy as np
 import pytest
 import skimage.data
@@ -26,8 +27,13 @@ def _as_ints(img, bit_depth):
   return np.rint(img.astype(np.float64) * top).astype(np.int64)
 
 
+def _png_chunk(kind, body):
+  return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))
+
+
 def _png_with_filters(arr, ctype, kinds=5, seed=0):
-  """Encode uint8/uint16 pixels as PNG with random per-row filter types 0..kinds-1 (each used)."""
+  """Encode uint8/uint16 pixels as PNG with random per-row filter types 0..kinds-1 (each used):
+  input files that exercise every PNG filter, whatever a writer's own filter choice would be."""
   h, w = arr.shape[:2]
   depth = 8 if arr.dtype == np.uint8 else 16
   raw = np.ascontiguousarray(arr, dtype='>u2' if depth == 16 else np.uint8)
@@ -49,8 +55,35 @@ def _png_with_filters(arr, ctype, kinds=5, seed=0):
   filt = (raw - preds[types, np.arange(h)]) & 255
   body = np.concatenate([types[:, None], filt], axis=1).astype(np.uint8).tobytes()
   ihdr = struct.pack('>IIBBBBB', w, h, depth, ctype, 0, 0, 0)
-  return (kio._PNG_SIG + kio._png_chunk(b'IHDR', ihdr)
-          + kio._png_chunk(b'IDAT', zlib.compress(body)) + kio._png_chunk(b'IEND', b''))
+  return (b'\x89PNG\r\n\x1a\n' + _png_chunk(b'IHDR', ihdr)
+          + _png_chunk(b'IDAT', zlib.compress(body)) + _png_chunk(b'IEND', b''))
+
+
+_ADAM7 = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+          (0, 1, 1, 2)]  # (x0, y0, dx, dy) of the seven passes
+
+
+def _png16_interlaced(arr, ctype):
+  """Encode uint16 pixels as an Adam7-interlaced PNG (filter type 0 in every pass)."""
+  h, w = arr.shape[:2]
+  body = b''
+  for x0, y0, dx, dy in _ADAM7:
+    sub = np.ascontiguousarray(arr[y0::dy, x0::dx], dtype='>u2')
+    if sub.shape[0] and sub.shape[1]:
+      rows = sub.view(np.uint8).reshape(sub.shape[0], -1)
+      body += np.concatenate([np.zeros((len(rows), 1), np.uint8), rows], axis=1).tobytes()
+  ihdr = struct.pack('>IIBBBBB', w, h, 16, ctype, 0, 0, 1)
+  return (b'\x89PNG\r\n\x1a\n' + _png_chunk(b'IHDR', ihdr)
+          + _png_chunk(b'IDAT', zlib.compress(body)) + _png_chunk(b'IEND', b''))
+
+
+def _insert_chunk(data, kind, body, before=b'IDAT', crc_ok=True):
+  """`data` with a chunk inserted before the first `before` chunk."""
+  chunk = _png_chunk(kind, body)
+  if not crc_ok:
+    chunk = chunk[:-1] + bytes([chunk[-1] ^ 1])
+  at = data.index(before) - 4
+  return data[:at] + chunk + data[at:]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,11 +149,10 @@ def test_16_bit_png_interoperates_with_pillow(tmp_path):
   np.testing.assert_array_equal(iio.imread(tmp_path / 'c.png'), rgb >> 8)  # Pillow keeps 8 bits
 
 
-@pytest.mark.parametrize('kinds', [3, 5])  # None/Sub/Up only (vectorised path), or all five
 @pytest.mark.parametrize('shape, ctype', [((17, 13), 0), ((17, 13, 3), 2), ((9, 21, 2), 4)])
-def test_png_decoder_handles_every_filter_type(tmp_path, kinds, shape, ctype):
+def test_16_bit_png_with_every_filter_type(tmp_path, shape, ctype):
   pixels = _ints(shape, 16, 3)
-  (tmp_path / 'f.png').write_bytes(_png_with_filters(pixels, ctype, kinds))
+  (tmp_path / 'f.png').write_bytes(_png_with_filters(pixels, ctype))
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')  # gray+alpha
     img, info = kio.load_image(tmp_path / 'f.png')
@@ -128,12 +160,62 @@ def test_png_decoder_handles_every_filter_type(tmp_path, kinds, shape, ctype):
   np.testing.assert_array_equal(_as_ints(img, 16), expected)
 
 
-def test_png_decoder_agrees_with_pillow(tmp_path):
+def test_16_bit_gray_photo_written_by_pillow(tmp_path):
   """Pillow's adaptive filtering (Sub/Up/Paeth) on a real photo."""
-  photo = skimage.data.astronaut()[:96, :128]
-  iio.imwrite(tmp_path / 'p.png', photo)
-  data = (tmp_path / 'p.png').read_bytes()
-  np.testing.assert_array_equal(kio._decode_png(data), photo)
+  deep = skimage.data.camera()[:96, :128].astype(np.uint16) * 257
+  iio.imwrite(tmp_path / 'p.png', deep)  # Pillow mode I;16
+  img, info = kio.load_image(tmp_path / 'p.png')
+  np.testing.assert_array_equal(_as_ints(img[..., 0], 16), deep)
+  assert info.bit_depth == 16 and info.channels == 1
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_16_bit_png_written_by_imagecodecs(tmp_path, channels):
+  pixels = _ints((19, 27, channels), 16, 4)
+  (tmp_path / 'p.png').write_bytes(imagecodecs.png_encode(pixels[..., 0] if channels == 1
+                                                          else pixels))
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')  # full precision: nothing to warn about
+    img, info = kio.load_image(tmp_path / 'p.png')
+  np.testing.assert_array_equal(_as_ints(img, 16), pixels)
+  assert img.dtype == np.float32 and (info.bit_depth, info.channels, info.format) == (16, channels,
+                                                                                      'PNG')
+  assert not info.had_alpha
+
+
+@pytest.mark.parametrize('shape, ctype', [((19, 27), 0), ((19, 27, 3), 2), ((5, 3, 3), 2),
+                                          ((9, 10, 4), 6)])
+def test_16_bit_interlaced_png(tmp_path, caplog, shape, ctype):
+  pixels = _ints(shape, 16, 5)
+  (tmp_path / 'i.png').write_bytes(_png16_interlaced(pixels, ctype))
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore' if ctype == 6 else 'error')
+    img, info = kio.load_image(tmp_path / 'i.png', min_size=3)
+  expected = pixels[..., :3] if ctype == 6 else pixels.reshape(img.shape)
+  np.testing.assert_array_equal(_as_ints(img, 16), expected)
+  assert info.bit_depth == 16 and info.had_alpha == (ctype == 6)
+  assert not caplog.records  # no libpng chatter about interlace handling
+
+
+def test_16_bit_png_ancillary_chunks_change_nothing(tmp_path):
+  """tRNS is not turned into an alpha channel, sBIT does not shift values, gAMA is not applied."""
+  rgb, gray = _ints((12, 10, 3), 16, 6), _ints((12, 10), 16, 7)
+  extra = [(b'tRNS', struct.pack('>HHH', 1, 2, 3)), (b'sBIT', bytes([12, 12, 12])),
+           (b'gAMA', struct.pack('>I', 100000))]
+  data = imagecodecs.png_encode(rgb)
+  for kind, body in extra:
+    data = _insert_chunk(data, kind, body)
+  (tmp_path / 'c.png').write_bytes(data)
+  data = _insert_chunk(imagecodecs.png_encode(gray), b'tRNS', struct.pack('>H', 5))
+  (tmp_path / 'g.png').write_bytes(data)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    img, info = kio.load_image(tmp_path / 'c.png')
+    np.testing.assert_array_equal(_as_ints(img, 16), rgb)
+    assert info.channels == 3 and not info.had_alpha
+    img, info = kio.load_image(tmp_path / 'g.png')
+    np.testing.assert_array_equal(_as_ints(img[..., 0], 16), gray)
+    assert info.channels == 1 and not info.had_alpha
 
 
 def test_equal_channels_stay_rgb_and_palette_becomes_rgb(tmp_path):
@@ -246,6 +328,41 @@ def test_corrupt_and_unsupported_files(tmp_path):
   data = (tmp_path / 'ok.png').read_bytes()
   (tmp_path / 'cut.png').write_bytes(data[:len(data) // 2])
   _expect_error(tmp_path / 'cut.png', 'not a readable PNG image')
+  idat = data.index(b'IDAT') + 8
+  (tmp_path / 'crc.png').write_bytes(data[:idat] + bytes([data[idat] ^ 1]) + data[idat + 1:])
+  _expect_error(tmp_path / 'crc.png', 'not a readable PNG image (checksum error')
+  kio.save_image(tmp_path / 'ok.jpg', np.full((32, 32, 3), 0.5))
+  (tmp_path / 'cut.jpg').write_bytes((tmp_path / 'ok.jpg').read_bytes()[:100])
+  _expect_error(tmp_path / 'cut.jpg', 'not a readable JPEG image')
+  tifffile.imwrite(tmp_path / 'i32.tif', np.zeros((16, 16), np.int32))
+  _expect_error(tmp_path / 'i32.tif', 'unsupported pixel type int32')
+  tifffile.imwrite(tmp_path / 'c5.tif', np.zeros((16, 16, 5), np.uint8), photometric='minisblack',
+                   planarconfig='contig')
+  _expect_error(tmp_path / 'c5.tif', 'unsupported image layout')
+
+
+def test_damaged_16_bit_pngs(tmp_path):
+  """Every truncation, a missing or damaged IEND, bad checksums even in ancillary chunks and
+  unknown critical chunks are one-line errors; data after IEND is ignored."""
+  pixels = _ints((40, 50, 3), 16, 8)  # noise: several IDAT chunks
+  data = imagecodecs.png_encode(pixels)
+  assert data.count(b'IDAT') > 1
+  iend = data.index(b'IEND') - 4
+  for cut in sorted({*range(8, 40), *range(40, len(data), 97), *range(iend - 3, len(data))}):
+    (tmp_path / 'cut.png').write_bytes(data[:cut])  # under 25 bytes: no bit depth, Pillow reads
+    _expect_error(tmp_path / 'cut.png',
+                  'not a readable PNG image' + (' (file is truncated' if cut >= 25 else ''))
+  (tmp_path / 'iend.png').write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+  _expect_error(tmp_path / 'iend.png', "checksum error in the 'IEND' chunk")
+  (tmp_path / 'text.png').write_bytes(_insert_chunk(data, b'tEXt', b'k\0v', crc_ok=False))
+  _expect_error(tmp_path / 'text.png', "checksum error in the 'tEXt' chunk")
+  (tmp_path / 'crit.png').write_bytes(_insert_chunk(data, b'ABCD', b'xy'))
+  _expect_error(tmp_path / 'crit.png', "unknown critical chunk 'ABCD'")
+  short = _png_chunk(b'IDAT', zlib.compress(b'\0' * 10))  # intact chunks, too little image data
+  (tmp_path / 'short.png').write_bytes(data[:33] + short + _png_chunk(b'IEND', b''))
+  _expect_error(tmp_path / 'short.png', 'not a readable PNG image')
+  (tmp_path / 'tail.png').write_bytes(data + b'trailing bytes')
+  np.testing.assert_array_equal(_as_ints(kio.load_image(tmp_path / 'tail.png')[0], 16), pixels)
   kio.save_image(tmp_path / 'ok.jpg', np.full((32, 32, 3), 0.5))
   (tmp_path / 'cut.jpg').write_bytes((tmp_path / 'ok.jpg').read_bytes()[:100])
   _expect_error(tmp_path / 'cut.jpg', 'not a readable JPEG image')
@@ -293,8 +410,11 @@ def test_failed_write_keeps_old_file(tmp_path, monkeypatch, bit_depth):
       f.write(b'partial')
     raise RuntimeError('disk on fire')
 
+  def broken_encode(*args, **kwargs):
+    raise RuntimeError('disk on fire')
+
   monkeypatch.setattr(iio, 'imwrite', broken)
-  monkeypatch.setattr(kio, '_encode_png16', lambda arr: broken(os.devnull))
+  monkeypatch.setattr(imagecodecs, 'png_encode', broken_encode)
   with pytest.raises(RuntimeError, match='disk on fire'):
     kio.save_image(target, np.full((8, 8, 3), 0.75), bit_depth=bit_depth)
   assert target.read_bytes() == before

@@ -100,7 +100,8 @@ def test_posterior_marginal_consistency(sched64, x64, t, s):
   c0, ct, var = map(float, sch.posterior(sched64, t, s))
   np.testing.assert_allclose(c0 + ct * np.sqrt(ab_t), np.sqrt(ab_s), rtol=0, atol=1e-12)
   np.testing.assert_allclose(ct ** 2 * (1 - ab_t) + var, 1 - ab_s, rtol=0, atol=1e-12)
-  # Conditioning: x_s = √ab_s·x0 + √(1-ab_s)·e1, x_t = √(ab_t/ab_s)·x_s + √(1-ab_t/ab_s)·e2.
+  # Conditioning the forward chain x_s = √ab_s·x0 + √(1-ab_s)·e1,
+  # x_t = √(ab_t/ab_s)·x_s + √(1-ab_t/ab_s)·e2 on x_t.
   cov = np.sqrt(ab_t / ab_s) * (1 - ab_s)
   ct_ref = cov / (1 - ab_t)
   np.testing.assert_allclose(ct, ct_ref, rtol=1e-12, atol=1e-15)
@@ -126,7 +127,8 @@ def test_posterior_sample_formula(sched64, x64):
   x0, x_t, xi = (jnp.asarray(rng.normal(size=(4, 2, 3))) for _ in range(3))
   c0, ct, var = sch.posterior(sched64, 40, 25)
   out = sch.posterior_sample(sched64, x0, x_t, 40, 25, xi)
-  ref = float(c0) * np.asarray(x0) + float(ct) * np.asarray(x_t) + np.sqrt(float(var)) * np.asarray(xi)
+  ref = (float(c0) * np.asarray(x0) + float(ct) * np.asarray(x_t)
+         + np.sqrt(float(var)) * np.asarray(xi))
   np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=1e-14)
 
 
