@@ -28,7 +28,7 @@ def base_config():
 
   # Phase 2: reverse diffusion with joint U-Net / kernel optimisation (appendix A.1, A.3-A.4).
   cfg.unet = ml_collections.ConfigDict(dict(base_channels=32, levels=5, max_channels=512,
-                                            residual=False))
+                                            residual=False, upsample="bilinear"))
   cfg.kernel = ml_collections.ConfigDict(dict(
       size=0,               # 0: 6 × scale (24 at ×4, as in the paper)
       width=256, depth=5, omega=5.0))

@@ -57,7 +57,8 @@ def kernel_size(cfg, scale):
 def make_unet(cfg, channels):
   u = cfg.unet
   return unet_lib.UNet(out_channels=channels, base_channels=u.base_channels, levels=u.levels,
-                       max_channels=u.max_channels, residual=u.residual)
+                       max_channels=u.max_channels, residual=u.residual,
+                       upsample=u.upsample)
 
 
 def make_kernel_net(cfg, scale):

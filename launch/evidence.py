@@ -18,6 +18,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax.numpy as jnp
 import numpy as np
 import skimage.data
@@ -79,21 +80,28 @@ def write_markdown(rows, path):
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)
   os.makedirs(_OUT.value, exist_ok=True)
   csv_path = os.path.join(_OUT.value, "results.csv")
   rows = list(csv.DictReader(open(csv_path))) if os.path.exists(csv_path) else []
   done = {(r["photo"], r["kernel"], int(r["scale"]), r["preset"]) for r in rows}
   s = _SCALE.value
-  for photo in _PHOTOS.value:
-    for kname in _KERNELS.value:
-      if (photo, kname, s, _CONFIG.value) in done:
-        continue
+  photos, kerns = _PHOTOS.value, _KERNELS.value
+  # Diagonal order: the first len(photos) cases already cover every photo and every kernel.
+  cases = sorted(((p, k) for p in photos for k in kerns),
+                 key=lambda c: ((photos.index(c[0]) - kerns.index(c[1])) % len(kerns),
+                                photos.index(c[0])))
+  for photo, kname in cases:
+    if (photo, kname, s, _CONFIG.value) in done:
+      continue
+    if True:
       cfg = config_lib.preset(_CONFIG.value)
       cfg.scale = s
       apply_overrides(cfg, _OVERRIDES.value)
       hr = hr_crop(photo, _HR.value)
       k = kernels.make_kernel(kname, size=6 * s, scale=s, seed=0)
-      lr = kernels.degrade_image(hr, k, s).astype(np.float32)
+      # Quantised to 8 bits, as the LR photo a user has would be.
+      lr = (np.round(kernels.degrade_image(hr, k, s) * 255.0) / 255.0).astype(np.float32)
       case_dir = os.path.join(_OUT.value, f"{photo}_{kname}_x{s}")
       kio.save_image(os.path.join(case_dir, "lr.png"), lr)
       kio.save_image(os.path.join(case_dir, "hr.png"), hr)

@@ -296,3 +296,14 @@ def test_com_loss_gradient_points_back():
       kernel_net.center_of_mass_loss(kk),
       kernel_net.center_of_mass_loss(kk - 1e-3 * jax.grad(kernel_net.center_of_mass_loss)(kk))))(k)
   assert float(loss1) < float(loss0)
+
+
+def test_unet_bilinear_upsampling_matches_scikit_image():
+  """The U-Net's ×2 bilinear step equals skimage's order-1 resize with edge mode."""
+  import skimage.transform
+  from kfjax.models import unet as unet_mod
+  x = np.random.default_rng(0).random((1, 5, 7, 3)).astype(np.float32)
+  got = np.asarray(unet_mod._bilinear2x(jnp.asarray(x)))[0]
+  want = skimage.transform.resize(x[0].astype(np.float64), (10, 14, 3), order=1, mode="edge",
+                                  anti_aliasing=False)
+  np.testing.assert_allclose(got, want, atol=1e-6)

@@ -2,7 +2,8 @@
 
 ``levels`` resolution levels, ``base_channels`` filters at the top doubling down to the
 bottom (paper: 5 levels, 32 → 512), two 3×3 conv + BatchNorm + ReLU per block, ×2
-max-pool down and transposed-conv up (written as 1×1 conv + depth-to-space), skip connections, tanh output in [−1, 1].
+max-pool down and bilinear up (``upsample="transpose"``: a 2×2 stride-2 transposed conv,
+written as 1×1 conv + depth-to-space, which leaves checkerboard artefacts here), skip connections, tanh output in [−1, 1].
 
 BatchNorm always uses the statistics of the batch it is given (Phase 2 only ever
 trains the U-Net, and its output at every iteration is used), so there is no running
@@ -31,6 +32,18 @@ def _upsample(h):
   return h.reshape(b, 2 * hh, 2 * ww, c)
 
 
+def _bilinear2x(h):
+  """×2 bilinear upsampling (half-pixel centres, edge clamped), as separable averages."""
+  def up(x, axis):
+    n = x.shape[axis]
+    prev = jnp.take(x, jnp.clip(jnp.arange(n) - 1, 0, n - 1), axis=axis)
+    nxt = jnp.take(x, jnp.clip(jnp.arange(n) + 1, 0, n - 1), axis=axis)
+    even, odd = 0.25 * prev + 0.75 * x, 0.75 * x + 0.25 * nxt
+    out = jnp.stack([even, odd], axis=axis + 1)
+    return out.reshape(x.shape[:axis] + (2 * n,) + x.shape[axis + 1:])
+  return up(up(h, 1), 2)
+
+
 class _Block(nn.Module):
   features: int
   dtype: jnp.dtype
@@ -51,6 +64,7 @@ class UNet(nn.Module):
   levels: int = 5
   max_channels: int = 512
   residual: bool = False
+  upsample: str = "bilinear"  # or "transpose" (2×2 stride-2 transposed conv)
   dtype: jnp.dtype = jnp.float32
 
   def _features(self) -> Sequence[int]:
@@ -73,7 +87,10 @@ class UNet(nn.Module):
       hcur = nn.max_pool(hcur, (2, 2), (2, 2))
     hcur = _Block(feats[-1], self.dtype)(hcur)
     for f, skip in zip(reversed(feats[:-1]), reversed(skips)):
-      hcur = _upsample(ops.Conv(4 * f, (1, 1), dtype=self.dtype)(hcur))
+      if self.upsample == "bilinear":
+        hcur = ops.Conv(f, (1, 1), dtype=self.dtype)(_bilinear2x(hcur))
+      else:
+        hcur = _upsample(ops.Conv(4 * f, (1, 1), dtype=self.dtype)(hcur))
       hcur = _Block(f, self.dtype)(jnp.concatenate([hcur, skip], axis=-1))
     init = nn.initializers.zeros if self.residual else nn.initializers.lecun_normal()
     out = ops.Conv(self.out_channels, (1, 1), kernel_init=init, dtype=self.dtype,
