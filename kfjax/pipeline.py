@@ -148,6 +148,8 @@ def train_phase1(cfg, lr_image, workdir=None, show_progress=True):
     if saver is not None and (done % every < chunk_len or done >= total):
       saver.save(done, state)
   last_loss = float(jnp.mean(pending))
+  if not np.isfinite(last_loss):
+    raise FloatingPointError(f"phase 1 loss is {last_loss} at step {done}")
   bar.set_postfix(loss=f"{last_loss:.4f}")
   bar.close()
   if saver is not None:

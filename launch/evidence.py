@@ -94,50 +94,49 @@ def main(argv):
   for photo, kname in cases:
     if (photo, kname, s, _CONFIG.value) in done:
       continue
-    if True:
-      cfg = config_lib.preset(_CONFIG.value)
-      cfg.scale = s
-      apply_overrides(cfg, _OVERRIDES.value)
-      hr = hr_crop(photo, _HR.value)
-      k = kernels.make_kernel(kname, size=6 * s, scale=s, seed=0)
-      # Quantised to 8 bits, as the LR photo a user has would be.
-      lr = (np.round(kernels.degrade_image(hr, k, s) * 255.0) / 255.0).astype(np.float32)
-      case_dir = os.path.join(_OUT.value, f"{photo}_{kname}_x{s}")
-      kio.save_image(os.path.join(case_dir, "lr.png"), lr)
-      kio.save_image(os.path.join(case_dir, "hr.png"), hr)
-      np.save(os.path.join(case_dir, "kernel_true.npy"), k)
-      lr_m = lr * 2 - 1
-      t0 = time.time()
-      model, params, _ = pipeline.train_phase1(cfg, lr_m, os.path.join(case_dir, "work"))
-      t1 = time.time()
-      hr_b, k_b, _ = pipeline.run_phase2(cfg, model, params, lr_m, s)
-      t2 = time.time()
-      hr_n, _, _ = pipeline.run_phase2(cfg, model, params, lr_m, s, fixed_kernel=k)
-      t3 = time.time()
-      sr = np.clip((hr_b + 1) / 2, 0, 1)
-      srn = np.clip((hr_n + 1) / 2, 0, 1)
-      k_b = kernel_net.export_kernel(k_b)
-      bic = np.clip(np.asarray(resize.upscale(jnp.asarray(lr), s)), 0, 1)
-      kio.save_image(os.path.join(case_dir, "sr.png"), sr)
-      kio.save_image(os.path.join(case_dir, "sr_nonblind.png"), srn)
-      kio.save_image(os.path.join(case_dir, "bicubic.png"), bic)
-      np.save(os.path.join(case_dir, "kernel_est.npy"), k_b)
-      kio.save_image(os.path.join(case_dir, "kernels.png"), np.concatenate(
-          [kio.kernel_to_image(k, 192), np.ones((192, 8, 1)), kio.kernel_to_image(k_b, 192)], 1))
-      row = dict(photo=photo, kernel=kname, scale=s, preset=cfg.name,
-                 ncc=metrics.kernel_ncc(k_b, k), kernel_psnr=metrics.kernel_psnr(k_b, k),
-                 psnr_sr=metrics.psnr(sr, hr, crop=8), psnr_bicubic=metrics.psnr(bic, hr, crop=8),
-                 psnr_nonblind=metrics.psnr(srn, hr, crop=8), seconds_phase1=t1 - t0,
-                 seconds_blind=t2 - t1, seconds_nonblind=t3 - t2)
-      print({k_: (round(v, 3) if isinstance(v, float) else v) for k_, v in row.items()}, flush=True)
-      rows.append({k_: str(v) for k_, v in row.items()})
-      new = not os.path.exists(csv_path)
-      with open(csv_path, "a", newline="") as f:
-        w = csv.DictWriter(f, FIELDS)
-        if new:
-          w.writeheader()
-        w.writerow(row)
-      write_markdown(rows, os.path.join(_OUT.value, "results.md"))
+    cfg = config_lib.preset(_CONFIG.value)
+    cfg.scale = s
+    apply_overrides(cfg, _OVERRIDES.value)
+    hr = hr_crop(photo, _HR.value)
+    k = kernels.make_kernel(kname, size=6 * s, scale=s, seed=0)
+    # Quantised to 8 bits, as the LR photo a user has would be.
+    lr = (np.round(kernels.degrade_image(hr, k, s) * 255.0) / 255.0).astype(np.float32)
+    case_dir = os.path.join(_OUT.value, f"{photo}_{kname}_x{s}")
+    kio.save_image(os.path.join(case_dir, "lr.png"), lr)
+    kio.save_image(os.path.join(case_dir, "hr.png"), hr)
+    np.save(os.path.join(case_dir, "kernel_true.npy"), k)
+    lr_m = lr * 2 - 1
+    t0 = time.time()
+    model, params, _ = pipeline.train_phase1(cfg, lr_m, os.path.join(case_dir, "work"))
+    t1 = time.time()
+    hr_b, k_b, _ = pipeline.run_phase2(cfg, model, params, lr_m, s)
+    t2 = time.time()
+    hr_n, _, _ = pipeline.run_phase2(cfg, model, params, lr_m, s, fixed_kernel=k)
+    t3 = time.time()
+    sr = np.clip((hr_b + 1) / 2, 0, 1)
+    srn = np.clip((hr_n + 1) / 2, 0, 1)
+    k_b = kernel_net.export_kernel(k_b)
+    bic = np.clip(np.asarray(resize.upscale(jnp.asarray(lr), s)), 0, 1)
+    kio.save_image(os.path.join(case_dir, "sr.png"), sr)
+    kio.save_image(os.path.join(case_dir, "sr_nonblind.png"), srn)
+    kio.save_image(os.path.join(case_dir, "bicubic.png"), bic)
+    np.save(os.path.join(case_dir, "kernel_est.npy"), k_b)
+    kio.save_image(os.path.join(case_dir, "kernels.png"), np.concatenate(
+        [kio.kernel_to_image(k, 192), np.ones((192, 8, 1)), kio.kernel_to_image(k_b, 192)], 1))
+    row = dict(photo=photo, kernel=kname, scale=s, preset=cfg.name,
+               ncc=metrics.kernel_ncc(k_b, k), kernel_psnr=metrics.kernel_psnr(k_b, k),
+               psnr_sr=metrics.psnr(sr, hr, crop=8), psnr_bicubic=metrics.psnr(bic, hr, crop=8),
+               psnr_nonblind=metrics.psnr(srn, hr, crop=8), seconds_phase1=t1 - t0,
+               seconds_blind=t2 - t1, seconds_nonblind=t3 - t2)
+    print({k_: (round(v, 3) if isinstance(v, float) else v) for k_, v in row.items()}, flush=True)
+    rows.append({k_: str(v) for k_, v in row.items()})
+    new = not os.path.exists(csv_path)
+    with open(csv_path, "a", newline="") as f:
+      w = csv.DictWriter(f, FIELDS)
+      if new:
+        w.writeheader()
+      w.writerow(row)
+    write_markdown(rows, os.path.join(_OUT.value, "results.md"))
 
 
 if __name__ == "__main__":
