@@ -5,7 +5,7 @@ Phase 1 uses the 100k-step budget of appendix E (the paper's main runs use 600k:
 
     python -m kfjax.main --image x.png --scale 4 --config configs/paper.py
 
-Expected runtime: on a CPU, hours; see BENCHMARKS.md for measured accelerator times.
+Expected runtime: hours on a CPU; not yet measured on an accelerator.
 """
 
 from kfjax import config
