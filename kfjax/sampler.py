@@ -81,9 +81,7 @@ class Phase2:
                fixed_kernel: Optional[np.ndarray] = None):
     self.cfg = cfg
     self.scale = int(scale)
-    self.lr_shape = tuple(lr_shape)
-    h, w, c = self.lr_shape
-    self.hr_shape = (h * self.scale, w * self.scale, c)
+    c = lr_shape[-1]
     self.pd_model, self.pd_params, self.sched = pd_model, pd_params, sched
     self.unet = make_unet(cfg, c)
     self.kernel_net = make_kernel_net(cfg, scale)
