@@ -14,7 +14,7 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=["kfjax", "kfjax.models", "kfjax.configs"],
+    packages=["kfjax", "kfjax.models", "kfjax.bench", "kfjax.configs"],
     package_dir={"kfjax.configs": "configs"},
     install_requires=[
         "jax>=0.4.35,<0.12",
