@@ -30,6 +30,7 @@ setup(
         "tqdm>=4.65,<5",
         "scipy>=1.11,<2",            # kernel zoo (kfjax.kernels)
         "scikit-image>=0.22,<0.27",  # SSIM, and the bundled photos used as examples
+        "matplotlib>=3.8,<4",        # benchmark figures (kfjax.bench.report)
     ],
     extras_require={
         "test": ["pytest>=8,<10", "chex>=0.1.87,<0.2"],

@@ -63,3 +63,15 @@ def preset_path(name):
   """Filesystem path of a preset file, for ``--config``."""
   import importlib.resources
   return str(importlib.resources.files("kfjax.configs") / f"{name}.py")
+
+
+def expand_preset_names(argv):
+  """Command-line args with ``--config cpu`` / ``--config=paper`` turned into the preset's
+  file, so ``config_flags`` can load a bare preset name."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith("--config=") and arg[9:] in PRESETS:
+      out[i] = "--config=" + preset_path(arg[9:])
+    elif arg == "--config" and i + 1 < len(out) and out[i + 1] in PRESETS:
+      out[i + 1] = preset_path(out[i + 1])
+  return out

@@ -1,0 +1,174 @@
+"""Benchmark methods, pluggable by name.
+
+A method is ``fn(case, cfg, workdir) -> Result``: it gets a :class:`~kfjax.bench.suites.Case`
+(whose ``lr`` is all it may look at, except ``nonblind``, which is handed the true kernel),
+the run's config (a preset with the command line's overrides) and a folder of its own, and
+returns the SR image in [0, 1] and, for kernel estimators, the kernel. Register one with::
+
+    @methods.register("mymethod")
+    def mymethod(case, cfg, workdir):
+      ...
+      return methods.Result(sr=sr, kernel=k)
+
+or a KernelFusion variant that only changes config fields with
+``register_variant("kf_direct_relu", {"kernel.net": "direct_relu"})``.
+
+KernelFusion's Phase 1 (the PD trained on the LR image) depends only on the image and the
+PD/training fields, so the methods of one case share it: :func:`trained_pd` keeps it in
+``<case dir>/pd-<fingerprint>/`` and a method that finds it there restores it; the training
+time is stored beside it and counted in every method's runtime that uses it.
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from kfjax import checkpoint as ckpt
+from kfjax import io as kio
+from kfjax import pipeline
+from kfjax import resize
+from kfjax.errors import KfjaxError
+from kfjax.models import kernel_net
+
+
+class NotApplicable(Exception):
+  """The method cannot run on this case (e.g. non-blind without a true kernel)."""
+
+
+@dataclasses.dataclass
+class Result:
+  sr: np.ndarray                   # (H, W, C) in [0, 1]
+  kernel: np.ndarray | None = None  # (K, K), non-negative, sum 1; None: no kernel estimated
+  seconds: float | None = None     # whole cost of the method on this case (None: wall time)
+  info: dict = dataclasses.field(default_factory=dict)
+
+
+METHODS = {}
+
+
+def register(name):
+  """Decorator: make ``fn(case, cfg, workdir) -> Result`` available as method ``name``."""
+  def deco(fn):
+    if name in METHODS:
+      raise ValueError(f"method {name!r} is registered twice")
+    METHODS[name] = fn
+    return fn
+  return deco
+
+
+def get(name):
+  if name not in METHODS:
+    raise KfjaxError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+  return METHODS[name]
+
+
+def with_overrides(cfg, overrides):
+  """A copy of ``cfg`` with dotted-field overrides ``{"kernel.net": "direct_relu"}``."""
+  cfg = cfg.copy_and_resolve_references()
+  for key, value in overrides.items():
+    node = cfg
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    if last not in node:
+      raise KfjaxError(f"config has no field {key!r}")
+    node[last] = value
+  return cfg
+
+
+# -- shared KernelFusion pieces --------------------------------------------------------
+
+def trained_pd(case, cfg, case_dir):
+  """``(pd_model, pd_params, seconds)``: Phase 1 on ``case.lr``, shared by the case's
+  methods (restored when a previous method trained it with the same fields)."""
+  lr_m = case.lr * 2.0 - 1.0
+  fp = pipeline.pd_fingerprint(cfg, lr_m)
+  d = os.path.join(case_dir, f"pd-{fp[:12]}")
+  t0 = time.time()
+  model, params, info = pipeline.train_phase1(cfg, lr_m, d, show_progress=False)
+  seconds = time.time() - t0
+  record = os.path.join(d, "train_seconds.json")
+  if info["restored_step"] is not None and info["restored_step"] >= info["steps"]:
+    if os.path.exists(record):    # trained earlier (by another method): count that time
+      seconds = json.load(open(record))["seconds"]
+  else:
+    kio.save_text_atomic(record, json.dumps({"seconds": seconds}))
+  return model, params, seconds
+
+
+def phase2(case, cfg, pd, fixed_kernel=None):
+  """Phase 2 on ``case.lr`` with trained ``pd = (model, params)``; returns
+  ``(sr in [0, 1], kernel, seconds)``."""
+  t0 = time.time()
+  hr, k, _ = pipeline.run_phase2(cfg, pd[0], pd[1], case.lr * 2.0 - 1.0, case.spec.scale,
+                                 fixed_kernel=fixed_kernel, show_progress=False)
+  sr = np.clip((hr + 1.0) / 2.0, 0.0, 1.0)
+  return sr, kernel_net.export_kernel(k), time.time() - t0
+
+
+def _case_dir(workdir):
+  """Methods get ``<workdir>/<case>/<method>``; the shared PD lives one level up."""
+  return os.path.dirname(os.path.normpath(workdir))
+
+
+def _prepare(case, cfg):
+  cfg = cfg.copy_and_resolve_references()
+  cfg.scale = case.spec.scale
+  pipeline.validate_config(cfg)
+  return cfg
+
+
+# -- methods ------------------------------------------------------------------------------
+
+@register("bicubic")
+def bicubic(case, cfg, workdir):
+  """MATLAB-compatible bicubic upscaling (the floor)."""
+  del cfg, workdir
+  t0 = time.time()
+  sr = np.clip(np.asarray(resize.upscale(jnp.asarray(case.lr), case.spec.scale)), 0.0, 1.0)
+  return Result(sr=sr, seconds=time.time() - t0)
+
+
+@register("kernelfusion")
+def kernelfusion(case, cfg, workdir):
+  """Blind KernelFusion: Phase 1 + Phase 2 with the kernel estimated."""
+  cfg = _prepare(case, cfg)
+  model, params, t1 = trained_pd(case, cfg, _case_dir(workdir))
+  sr, k, t2 = phase2(case, cfg, (model, params))
+  return Result(sr=sr, kernel=k, seconds=t1 + t2,
+                info={"seconds_phase1": t1, "seconds_phase2": t2})
+
+
+@register("nonblind")
+def nonblind(case, cfg, workdir):
+  """Phase 2 with the true kernel fixed: the upper bound for blind KernelFusion."""
+  if case.kernel is None:
+    raise NotApplicable("no true kernel for a non-linear degradation")
+  cfg = _prepare(case, cfg)
+  k_size = int(cfg.kernel.size) or 6 * case.spec.scale
+  if case.kernel.shape[0] != k_size:
+    raise NotApplicable(f"true kernel is {case.kernel.shape[0]}px, config kernel {k_size}px")
+  model, params, t1 = trained_pd(case, cfg, _case_dir(workdir))
+  sr, _, t2 = phase2(case, cfg, (model, params), fixed_kernel=case.kernel)
+  return Result(sr=sr, kernel=None, seconds=t1 + t2,
+                info={"seconds_phase1": t1, "seconds_phase2": t2})
+
+
+def register_variant(name, overrides, doc=None):
+  """Register blind KernelFusion with config ``overrides`` as method ``name``."""
+  overrides = dict(overrides)
+
+  def variant(case, cfg, workdir):
+    return kernelfusion(case, with_overrides(cfg, overrides), workdir)
+  variant.__doc__ = doc or f"KernelFusion with {overrides}"
+  register(name)(variant)
+  return variant
+
+
+def fingerprint_of(cfg):
+  """Short fingerprint of a config, recorded per row so changed settings are visible."""
+  return ckpt.fingerprint(cfg.to_json_best_effort(sort_keys=True))[:12]

@@ -1,0 +1,192 @@
+"""The benchmark report: a Markdown table of means and figures, from the rows of a run.
+
+* ``report.md``: per scale and degradation family, the mean of every metric per method
+  (and the number of cases), then an overall mean per method, then one line per case.
+* ``figures/kernels.png``: for every case with a true kernel, the true kernel beside each
+  method's estimate (with its NCC).
+* ``figures/crops.png``: for the first few cases, the same crop of HR, LR (nearest
+  upscaled) and every method's SR image (with its PSNR).
+"""
+
+import os
+
+import numpy as np
+
+from kfjax import io as kio
+
+METRICS = (("kernel_ncc", "kernel NCC", "{:.3f}"), ("kernel_psnr", "kernel PSNR", "{:.2f}"),
+           ("psnr", "PSNR", "{:.2f}"), ("y_psnr", "Y-PSNR", "{:.2f}"),
+           ("ssim", "SSIM", "{:.4f}"), ("seconds", "s / case", "{:.0f}"))
+
+
+def _num(v):
+  try:
+    return float(v)
+  except (TypeError, ValueError):
+    return float("nan")
+
+
+def _mean(rows, key):
+  vals = [_num(r[key]) for r in rows if r["status"] == "ok"]
+  vals = [v for v in vals if np.isfinite(v)]
+  return float(np.mean(vals)) if vals else float("nan")
+
+
+def _cell(v, fmt):
+  return "–" if not np.isfinite(v) else fmt.format(v)
+
+
+def _methods(rows):
+  return list(dict.fromkeys(r["method"] for r in rows))
+
+
+def summary_table(rows, group=("scale", "family")):
+  """Markdown table of means grouped by ``group`` and method."""
+  head = "| " + " | ".join(group) + " | method | n | " + " | ".join(m[1] for m in METRICS) + " |"
+  lines = [head, "|" + "---|" * (len(group) + 2 + len(METRICS))]
+  keys = list(dict.fromkeys(tuple(r[g] for g in group) for r in rows))
+  for key in keys:
+    sel = [r for r in rows if tuple(r[g] for g in group) == key]
+    for m in _methods(sel):
+      rs = [r for r in sel if r["method"] == m]
+      ok = [r for r in rs if r["status"] == "ok"]
+      if not ok:
+        continue
+      cells = [_cell(_mean(rs, k), f) for k, _, f in METRICS]
+      lines.append("| " + " | ".join(key) + f" | {m} | {len(ok)} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def case_table(rows):
+  head = "| case | method | status | kernel NCC | PSNR | Y-PSNR | SSIM | s |"
+  lines = [head, "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    cells = [_cell(_num(r[k]), f) for k, f in (("kernel_ncc", "{:.3f}"), ("psnr", "{:.2f}"),
+                                               ("y_psnr", "{:.2f}"), ("ssim", "{:.4f}"),
+                                               ("seconds", "{:.0f}"))]
+    status = r["status"] if r["status"] != "error" else f"error: {r['error'][:80]}"
+    lines.append(f"| {r['case']} | {r['method']} | {status} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def markdown(rows, title, command=None):
+  parts = [f"# {title}", ""]
+  if command:
+    parts += ["```", command, "```", ""]
+  if rows:
+    devices = sorted({r["device"] for r in rows})
+    presets = sorted({f"{r['preset']} ({r['config']})" for r in rows})
+    parts += [f"Device: {', '.join(devices)}. Preset (config fingerprint): {', '.join(presets)}.",
+              ""]
+  overall = [dict(r, all="all") for r in rows]
+  parts += ["## Means per scale and degradation", "", summary_table(rows), "",
+            "## Means per scale", "", summary_table(overall, ("scale",)), "",
+            "## Every case", "", case_table(rows), ""]
+  return "\n".join(parts)
+
+
+def _kernel_img(k):
+  k = np.asarray(k, np.float64)
+  return k / k.max() if k.max() > 0 else k
+
+
+def _load(path):
+  return kio.load_image(path)[0] if os.path.exists(path) else None
+
+
+def kernels_figure(rows, workdir, path):
+  """True vs estimated kernels, one row per case with a true kernel."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  cases = list(dict.fromkeys(r["case"] for r in rows))
+  cases = [c for c in cases
+           if os.path.exists(os.path.join(workdir, "cases", c, "kernel.npy"))]
+  est = [m for m in _methods(rows)
+         if any(os.path.exists(os.path.join(workdir, "runs", c, m, "kernel.npy")) for c in cases)]
+  if not cases or not est:
+    return None
+  ncols = 1 + len(est)
+  fig, axes = plt.subplots(len(cases), ncols, figsize=(1.9 * ncols, 2.0 * len(cases)),
+                           squeeze=False)
+  for i, c in enumerate(cases):
+    k_true = np.load(os.path.join(workdir, "cases", c, "kernel.npy"))
+    axes[i, 0].imshow(_kernel_img(k_true), cmap="magma")
+    axes[i, 0].set_title("true", fontsize=8)
+    axes[i, 0].set_ylabel(c.replace("_", "\n", 2), fontsize=6)
+    for j, m in enumerate(est, 1):
+      p = os.path.join(workdir, "runs", c, m, "kernel.npy")
+      r = next((r for r in rows if r["case"] == c and r["method"] == m), None)
+      if os.path.exists(p):
+        axes[i, j].imshow(_kernel_img(np.load(p)), cmap="magma")
+        ncc = _num(r["kernel_ncc"]) if r else float("nan")
+        axes[i, j].set_title(f"{m}\nNCC {_cell(ncc, '{:.2f}')}", fontsize=7)
+  for ax in axes.ravel():
+    ax.set_xticks([])
+    ax.set_yticks([])
+  fig.tight_layout()
+  _savefig(fig, path)
+  plt.close(fig)
+  return path
+
+
+def crops_figure(rows, workdir, path, max_cases=4, crop=64):
+  """Same crop of HR, LR and each method's SR for the first ``max_cases`` cases."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  cases = list(dict.fromkeys(r["case"] for r in rows if r["status"] == "ok"))[:max_cases]
+  meths = [m for m in _methods(rows) if any(r["method"] == m and r["status"] == "ok"
+                                            for r in rows)]
+  if not cases:
+    return None
+  ncols = 2 + len(meths)
+  fig, axes = plt.subplots(len(cases), ncols, figsize=(2.0 * ncols, 2.1 * len(cases)),
+                           squeeze=False)
+  for i, c in enumerate(cases):
+    hr = _load(os.path.join(workdir, "cases", c, "hr.png"))
+    lr = _load(os.path.join(workdir, "cases", c, "lr.png"))
+    s = hr.shape[0] // lr.shape[0]
+    size = min(crop, hr.shape[0], hr.shape[1])
+    y0, x0 = (hr.shape[0] - size) // 2 // s * s, (hr.shape[1] - size) // 2 // s * s
+    box = lambda im: im[y0:y0 + size, x0:x0 + size]
+    lr_up = np.repeat(np.repeat(lr, s, 0), s, 1)
+    panels = [("HR", box(hr)), ("LR", box(lr_up))]
+    for m in meths:
+      sr = _load(os.path.join(workdir, "runs", c, m, "sr.png"))
+      r = next((r for r in rows if r["case"] == c and r["method"] == m), None)
+      if sr is not None and r is not None:
+        panels.append((f"{m}\n{_cell(_num(r['psnr']), '{:.2f}')} dB", box(sr)))
+      else:
+        panels.append((m, None))
+    for j, (name, im) in enumerate(panels):
+      ax = axes[i, j]
+      if im is not None:
+        ax.imshow(np.clip(im[..., 0] if im.shape[-1] == 1 else im, 0, 1),
+                  cmap="gray" if im.shape[-1] == 1 else None, vmin=0, vmax=1,
+                  interpolation="nearest")
+      ax.set_title(name, fontsize=7)
+      ax.set_xticks([])
+      ax.set_yticks([])
+    axes[i, 0].set_ylabel(c.replace("_", "\n", 2), fontsize=6)
+  fig.tight_layout()
+  _savefig(fig, path)
+  plt.close(fig)
+  return path
+
+
+def _savefig(fig, path):
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=110)
+  os.replace(tmp, path)
+
+
+def write(rows, workdir, title="kfjax benchmark", command=None):
+  """Write ``report.md`` and the figures; returns their paths."""
+  md = os.path.join(workdir, "report.md")
+  kio.save_text_atomic(md, markdown(rows, title, command))
+  figs = [kernels_figure(rows, workdir, os.path.join(workdir, "figures", "kernels.png")),
+          crops_figure(rows, workdir, os.path.join(workdir, "figures", "crops.png"))]
+  return [md] + [f for f in figs if f]
+

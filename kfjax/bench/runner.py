@@ -1,0 +1,141 @@
+"""Runs methods over a suite's cases; one CSV row per case × method, resumable.
+
+Layout of ``workdir``::
+
+    cases/<case>/            cached LR, HR and true kernel (:func:`suites.load_case`)
+    runs/<case>/pd-<fp>/     PD trained on the case's LR image, shared by its methods
+    runs/<case>/<method>/    sr.png, kernel.npy (if any) of that method
+    results.csv              every finished row (rewritten atomically after each row)
+    errors.log               tracebacks of failed rows
+    report.md, figures/      written by :mod:`kfjax.bench.report`
+
+A row is keyed by (case, method, config fingerprint): re-running skips rows that finished
+(``ok`` or ``n/a``), retries failed ones, and computes rows for a changed config anew.
+"""
+
+import csv
+import datetime
+import io
+import os
+import time
+import traceback
+
+import jax
+import numpy as np
+import tqdm
+
+from kfjax import io as kio
+from kfjax import metrics
+from kfjax import pipeline
+from kfjax.bench import methods as methods_lib
+from kfjax.bench import suites
+
+FIELDS = ["case", "photo", "family", "scale", "method", "preset", "config", "status",
+          "kernel_ncc", "kernel_psnr", "psnr", "y_psnr", "ssim", "shift_psnr", "seconds",
+          "device", "date", "error"]
+DONE = ("ok", "n/a")
+
+
+def read_rows(path):
+  if not os.path.exists(path):
+    return []
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def write_rows(path, rows):
+  buf = io.StringIO()
+  w = csv.DictWriter(buf, FIELDS, extrasaction="ignore")
+  w.writeheader()
+  w.writerows(rows)
+  kio.save_text_atomic(path, buf.getvalue())
+
+
+def row_key(row):
+  return (row["case"], row["method"], row["config"])
+
+
+def score(case, result, border):
+  """Metrics of one result against the case's truth."""
+  hr = case.hr
+  sr = np.asarray(result.sr, np.float64).reshape(hr.shape)
+  out = {"psnr": metrics.psnr(sr, hr, crop=border),
+         "y_psnr": metrics.y_psnr(sr, hr, crop=border) if hr.shape[-1] == 3
+         else metrics.psnr(sr, hr, crop=border),
+         "ssim": metrics.ssim(sr, hr, crop=border),
+         "shift_psnr": metrics.shift_psnr(sr, hr, crop=border),
+         "kernel_ncc": float("nan"), "kernel_psnr": float("nan")}
+  if result.kernel is not None and case.kernel is not None:
+    out["kernel_ncc"] = metrics.kernel_ncc(result.kernel, case.kernel)
+    out["kernel_psnr"] = metrics.kernel_psnr(result.kernel, case.kernel)
+  return out
+
+
+def _fmt(v):
+  return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def run_one(spec, method, cfg, workdir, border):
+  """Run ``method`` on case ``spec``; returns the row (never raises, except on Ctrl-C)."""
+  row = {"case": spec.name, "photo": spec.photo, "family": spec.family, "scale": spec.scale,
+         "method": method, "preset": cfg.name, "config": methods_lib.fingerprint_of(cfg),
+         "device": pipeline.device_description(),
+         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+         "error": ""}
+  out_dir = os.path.join(workdir, "runs", spec.name, method)
+  try:
+    case = suites.load_case(spec, os.path.join(workdir, "cases"))
+    fn = methods_lib.get(method)
+    t0 = time.time()
+    result = fn(case, cfg, out_dir)
+    wall = time.time() - t0
+    os.makedirs(out_dir, exist_ok=True)
+    kio.save_image(os.path.join(out_dir, "sr.png"), result.sr)
+    if result.kernel is not None:
+      kio.save_array_atomic(os.path.join(out_dir, "kernel.npy"),
+                            np.asarray(result.kernel, np.float32))
+    row.update({k: _fmt(v) for k, v in score(case, result, border).items()})
+    row.update(status="ok", seconds=_fmt(result.seconds if result.seconds is not None else wall))
+  except methods_lib.NotApplicable as e:
+    row.update(status="n/a", error=str(e))
+  except Exception as e:  # one failing case must not stop the run
+    msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+    row.update(status="error", error=msg)
+    with open(os.path.join(workdir, "errors.log"), "a") as f:
+      f.write(f"== {spec.name} / {method} ({row['date']})\n{traceback.format_exc()}\n")
+  return {k: str(v) for k, v in row.items()}  # as read back from the CSV
+
+
+def run(specs, method_names, cfg, workdir, border=8, show_progress=True, log=print):
+  """Run every method on every case, skipping finished rows; returns this run's rows."""
+  for m in method_names:
+    methods_lib.get(m)          # unknown names fail before any work
+  os.makedirs(workdir, exist_ok=True)
+  csv_path = os.path.join(workdir, "results.csv")
+  rows = read_rows(csv_path)
+  fp = methods_lib.fingerprint_of(cfg)
+  todo = [(s, m) for s in specs for m in method_names]
+  index = {row_key(r): i for i, r in enumerate(rows)}
+  bar = tqdm.tqdm(total=len(todo), desc="bench", unit="run", disable=not show_progress,
+                  dynamic_ncols=True)
+  mine = []
+  for spec, m in todo:
+    key = (spec.name, m, fp)
+    if key in index and rows[index[key]]["status"] in DONE:
+      mine.append(rows[index[key]])
+      bar.update(1)
+      continue
+    bar.set_postfix_str(f"{spec.name} / {m}")
+    row = run_one(spec, m, cfg, workdir, border)
+    if key in index:
+      rows[index[key]] = row
+    else:
+      index[key] = len(rows)
+      rows.append(row)
+    write_rows(csv_path, rows)
+    mine.append(row)
+    if row["status"] == "error":
+      log(f"kfjax: {spec.name} / {m} failed: {row['error']} (traceback in errors.log)")
+    bar.update(1)
+  bar.close()
+  return mine
