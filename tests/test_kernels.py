@@ -176,3 +176,96 @@ def test_degrade_image_noise_and_clip():
   assert loud.min() == 0.0 and loud.max() == 1.0
   gray = kernels.degrade_image(hr[..., 0], k, 2)
   np.testing.assert_array_equal(gray, clean[..., 0])
+
+
+# -- non-linear degradations --------------------------------------------------------------
+
+def _photo(size=48, seed=0):
+  rng = np.random.default_rng(seed)
+  img = ndimage.gaussian_filter(rng.random((size, size, 3)), (2, 2, 0))
+  img[:, size // 2:] += 0.3          # a vertical edge
+  return np.clip(img, 0, 1)
+
+
+def test_median_filter_matches_direct_window_median():
+  img = _photo()
+  out = kernels.median_filter(img, 5)
+  for y, x in [(10, 10), (20, 31), (5, 40)]:
+    for c in range(3):
+      assert out[y, x, c] == np.median(img[y - 2:y + 3, x - 2:x + 3, c])
+
+
+def test_bilateral_matches_direct_formula_at_interior_pixels():
+  img = _photo()
+  ss, sc = 1.5, 0.1
+  out = kernels.bilateral_filter(img, ss, sc)
+  r = int(np.ceil(2 * ss))
+  yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+  for y, x in [(12, 12), (20, 23), (30, 25)]:
+    win = img[y - r:y + r + 1, x - r:x + r + 1]
+    dist = np.sqrt(((win - img[y, x]) ** 2).sum(-1))
+    w = np.exp(-(yy ** 2 + xx ** 2) / (2 * ss ** 2)) * np.exp(-dist ** 2 / (2 * sc ** 2))
+    ref = (w[..., None] * win).sum((0, 1)) / w.sum()
+    np.testing.assert_allclose(out[y, x], ref, atol=1e-12)
+  # Constant image unchanged; a large colour sigma turns it into a Gaussian blur.
+  np.testing.assert_allclose(kernels.bilateral_filter(np.full((9, 9, 1), 0.3), 1.0, 0.1), 0.3)
+  blur = kernels.bilateral_filter(img, ss, 1e6)
+  g = np.exp(-(yy ** 2 + xx ** 2) / (2 * ss ** 2))
+  ref = ndimage.convolve(img[..., 0], g / g.sum(), mode="mirror")
+  np.testing.assert_allclose(blur[..., 0], ref, atol=1e-9)
+
+
+def test_anisotropic_diffusion_large_kappa_is_heat_equation():
+  img = _photo()
+  out = kernels.anisotropic_diffusion(img, iterations=5, kappa=1e6, step=0.2)
+  ref = img.copy()
+  lap = np.array([[0, 0.2, 0], [0.2, 0.2, 0.2], [0, 0.2, 0]])
+  for _ in range(5):
+    ref = np.stack([ndimage.convolve(ref[..., c], lap, mode="nearest") for c in range(3)], -1)
+  np.testing.assert_allclose(out, ref, atol=1e-10)
+
+
+def test_anisotropic_diffusion_keeps_edges_and_mean():
+  img = np.zeros((32, 32, 1))
+  img[:, 16:] = 1.0
+  rng = np.random.default_rng(0)
+  noisy = img + 0.02 * rng.standard_normal(img.shape)
+  pm = kernels.anisotropic_diffusion(noisy, iterations=20, kappa=0.1)
+  heat = kernels.anisotropic_diffusion(noisy, iterations=20, kappa=1e6)
+  assert abs(pm.mean() - noisy.mean()) < 1e-12       # zero-flux borders conserve mass
+  assert pm[:, 15:17].std() > 0.45 > heat[:, 15:17].std() - 0.1   # the edge stays sharp
+  assert np.std(pm[:, :12] - 0) < np.std(noisy[:, :12])            # flat part smoothed
+  with pytest.raises(ValueError):
+    kernels.anisotropic_diffusion(img, 1, 0.1, step=0.3)
+
+
+@pytest.mark.parametrize("name", sorted(kernels.NONLINEAR))
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_degrade_nonlinear_shape_seed_and_decimation(name, scale):
+  hr = _photo(12 * scale)
+  lr, params = kernels.degrade_nonlinear(hr, name, scale, seed=3)
+  assert lr.shape == (12, 12, 3) and lr.min() >= 0 and lr.max() <= 1
+  lr2, params2 = kernels.degrade_nonlinear(hr, name, scale, seed=3)
+  np.testing.assert_array_equal(lr, lr2)
+  assert params == params2
+  assert kernels.degrade_nonlinear(hr, name, scale, seed=4)[1] != params
+  gray, _ = kernels.degrade_nonlinear(hr[..., 0], name, scale, seed=3)
+  assert gray.shape == (12, 12)
+
+
+@pytest.mark.parametrize("scale", [2, 3])
+def test_nonlinear_decimation_samples_the_operator_centre(scale):
+  # A constant-gradient image is unchanged by every filter in the interior; the LR pixel
+  # must then equal the ramp at s*i + (s-1)/2, the centre used by kfjax.degrade.
+  n = 16 * scale
+  ramp = np.tile(np.linspace(0, 1, n)[None, :, None], (n, 1, 1))
+  filtered = kernels.median_filter(ramp, 3)
+  lr = kernels._decimate(filtered, scale)
+  centre = scale * np.arange(16) + (scale - 1) / 2
+  np.testing.assert_allclose(lr[5, 2:-2, 0], np.interp(centre, np.arange(n),
+                                                       np.linspace(0, 1, n))[2:-2], atol=1e-12)
+
+
+def test_degrade_nonlinear_unknown_name():
+  with pytest.raises(KfjaxError, match="unknown non-linear"):
+    kernels.degrade_nonlinear(np.zeros((8, 8)), "sharpen", 2)

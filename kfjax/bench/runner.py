@@ -103,7 +103,7 @@ def run_one(spec, method, cfg, workdir, border):
     row.update(status="error", error=msg)
     with open(os.path.join(workdir, "errors.log"), "a") as f:
       f.write(f"== {spec.name} / {method} ({row['date']})\n{traceback.format_exc()}\n")
-  return {k: str(v) for k, v in row.items()}  # as read back from the CSV
+  return {k: str(row.get(k, "")) for k in FIELDS}  # as read back from the CSV
 
 
 def run(specs, method_names, cfg, workdir, border=8, show_progress=True, log=print):

@@ -1,0 +1,201 @@
+"""The evaluation harness: suites, the runner (resume, failures), the report, the CLI."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kfjax import degrade
+from kfjax import kernels
+from kfjax import metrics
+from kfjax.bench import methods
+from kfjax.bench import report
+from kfjax.bench import runner
+from kfjax.bench import suites
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def _bench(*args):
+  return subprocess.run([sys.executable, "-m", "kfjax.bench", *args], capture_output=True,
+                        text=True, env=ENV, timeout=600)
+
+
+# -- suites --------------------------------------------------------------------------------
+
+def test_suites_are_well_formed():
+  for name in suites.SUITES:
+    specs = suites.suite(name)
+    assert specs and len({s.name for s in specs}) == len(specs)
+    for s in specs:
+      assert s.photo in suites.PHOTOS
+      assert s.degradation in kernels.KERNELS or s.degradation in kernels.NONLINEAR
+      assert s.hr_size % s.scale == 0
+  fams = len(kernels.KERNELS) + len(kernels.NONLINEAR)
+  assert len(suites.suite("blind")) == len(suites.PHOTOS) * fams * 2
+  mini = suites.suite("mini")
+  assert {s.scale for s in mini} == {2, 4} and all(s.hr_size // s.scale == 64 for s in mini)
+
+
+def test_photos_load_and_fit():
+  for p in suites.PHOTOS:
+    img = suites.photo(p)
+    assert img.ndim == 3 and img.shape[-1] in (1, 3) and 0 <= img.min() <= img.max() <= 1
+    assert min(img.shape[:2]) >= 256
+
+
+@pytest.mark.parametrize("spec", [suites.CaseSpec("coffee", "motion", 2, 48, seed=1),
+                                  suites.CaseSpec("camera", "lshape", 4, 64),
+                                  suites.CaseSpec("astronaut", "bilateral", 2, 32)])
+def test_case_is_deterministic_and_cached_exactly(spec, tmp_path):
+  a, b = suites.build_case(spec), suites.build_case(spec)
+  np.testing.assert_array_equal(a.hr, b.hr)
+  np.testing.assert_array_equal(a.lr, b.lr)
+  assert a.params == b.params
+  assert a.lr.shape == (spec.hr_size // spec.scale,) * 2 + a.hr.shape[-1:]
+  np.testing.assert_array_equal(np.round(a.lr * 255), a.lr * 255)      # 8-bit values
+  cached = suites.load_case(spec, str(tmp_path))                         # writes the cache
+  again = suites.load_case(spec, str(tmp_path))                          # reads it back
+  for c in (cached, again):
+    np.testing.assert_allclose(c.hr, a.hr, atol=1e-12)
+    np.testing.assert_array_equal(c.lr, a.lr)
+  if spec.linear:
+    np.testing.assert_array_equal(again.kernel, a.kernel)
+    # The LR image is the model's own operator applied to the HR crop, quantised.
+    lr = np.asarray(degrade.downscale(a.hr[None].astype(np.float32),
+                                      a.kernel.astype(np.float32), spec.scale))[0]
+    assert np.abs(lr - a.lr).max() <= 0.5 / 255 + 1e-5
+  else:
+    assert a.kernel is None and again.kernel is None
+  # Another seed gives another case.
+  other = suites.build_case(suites.CaseSpec(spec.photo, spec.degradation, spec.scale,
+                                            spec.hr_size, seed=spec.seed + 1))
+  assert not np.array_equal(other.lr, a.lr)
+
+
+# -- runner with stand-in methods -------------------------------------------------------------
+
+@pytest.fixture
+def fake_methods():
+  calls = {"oracle": 0, "broken": 0}
+
+  def oracle(case, cfg, workdir):
+    calls["oracle"] += 1
+    shifted = np.roll(np.pad(case.kernel, 2), 1, axis=1) if case.kernel is not None else None
+    return methods.Result(sr=case.hr, kernel=shifted, seconds=1.5)
+
+  def broken(case, cfg, workdir):
+    calls["broken"] += 1
+    raise RuntimeError("deliberate\nfailure")
+
+  methods.register("test_oracle")(oracle)
+  methods.register("test_broken")(broken)
+  yield calls
+  del methods.METHODS["test_oracle"], methods.METHODS["test_broken"]
+
+
+def test_runner_records_resumes_and_survives_failures(fake_methods, smoke_cfg, tmp_path):
+  wd = str(tmp_path)
+  specs = suites.suite("tiny")
+  names = ["bicubic", "test_oracle", "test_broken"]
+  rows = runner.run(specs, names, smoke_cfg, wd, border=2, show_progress=False,
+                    log=lambda m: None)
+  assert len(rows) == len(specs) * 3
+  by = {(r["case"], r["method"]): r for r in rows}
+  lin, nonlin = specs[0].name, specs[1].name
+  # The oracle returns the truth: the kernel metrics see through the shift and padding.
+  assert float(by[lin, "test_oracle"]["kernel_ncc"]) > 0.999
+  assert float(by[lin, "test_oracle"]["psnr"]) == float("inf")
+  assert float(by[lin, "test_oracle"]["seconds"]) == 1.5
+  assert np.isnan(float(by[nonlin, "test_oracle"]["kernel_ncc"]))
+  # Bicubic metrics equal a direct computation from the cached files.
+  case = suites.load_case(specs[0], os.path.join(wd, "cases"))
+  from kfjax import io as kio
+  sr = kio.load_image(os.path.join(wd, "runs", lin, "bicubic", "sr.png"))[0]
+  assert abs(float(by[lin, "bicubic"]["psnr"]) - metrics.psnr(sr, case.hr, crop=2)) < 1e-3
+  # The failure is one row, one line, with the traceback in errors.log; the run went on.
+  assert all(r["status"] == "error" for r in rows if r["method"] == "test_broken")
+  assert by[lin, "test_broken"]["error"] == "RuntimeError: deliberate failure"
+  assert "Traceback" in open(os.path.join(wd, "errors.log")).read()
+  assert all(r["status"] == "ok" for r in rows if r["method"] != "test_broken")
+  # Re-run: finished rows are skipped, failed ones retried; the CSV has one row per key.
+  runner.run(specs, names, smoke_cfg, wd, border=2, show_progress=False, log=lambda m: None)
+  assert fake_methods == {"oracle": 2, "broken": 4}
+  on_disk = list(csv.DictReader(open(os.path.join(wd, "results.csv"))))
+  assert len(on_disk) == 6 and set(on_disk[0]) == set(runner.FIELDS)
+  # A changed config is a new set of rows.
+  cfg2 = methods.with_overrides(smoke_cfg, {"sample.lr": 5e-4})
+  runner.run(specs[:1], ["test_oracle"], cfg2, wd, show_progress=False)
+  assert fake_methods["oracle"] == 3
+  # Report: a table per family and method, and both figures.
+  paths = report.write(rows, wd, command="python -m kfjax.bench --suite tiny")
+  md = open(paths[0]).read()
+  assert "| 2 | gaussian | test_oracle | 1 | 1.000 |" in md
+  assert "error: RuntimeError" in md
+  for p in paths[1:]:
+    assert os.path.getsize(p) > 1000
+  assert {os.path.basename(p) for p in paths} == {"report.md", "kernels.png", "crops.png"}
+
+
+def test_with_overrides_copies_and_rejects_unknown(smoke_cfg):
+  cfg = methods.with_overrides(smoke_cfg, {"kernel.width": 7})
+  assert cfg.kernel.width == 7 and smoke_cfg.kernel.width != 7
+  from kfjax.errors import KfjaxError
+  with pytest.raises(KfjaxError, match="no field"):
+    methods.with_overrides(smoke_cfg, {"kernel.nope": 1})
+
+
+# -- real methods, end to end -----------------------------------------------------------------
+
+def test_kernelfusion_and_nonblind_share_phase1(smoke_cfg, tmp_path):
+  wd = str(tmp_path)
+  spec = suites.suite("tiny")[0]
+  rows = runner.run([spec], ["kernelfusion", "nonblind"], smoke_cfg, wd, border=2,
+                    show_progress=False)
+  assert [r["status"] for r in rows] == ["ok", "ok"], rows
+  case_dir = os.path.join(wd, "runs", spec.name)
+  pds = [d for d in os.listdir(case_dir) if d.startswith("pd-")]
+  assert len(pds) == 1                       # trained once, restored by the second method
+  k = np.load(os.path.join(case_dir, "kernelfusion", "kernel.npy"))
+  assert k.shape == (12, 12) and k.min() >= 0 and abs(k.sum() - 1) < 1e-5
+  assert not os.path.exists(os.path.join(case_dir, "nonblind", "kernel.npy"))
+  t_kf, t_nb = float(rows[0]["seconds"]), float(rows[1]["seconds"])
+  assert t_kf > 0 and t_nb > 0
+  sr = os.path.join(case_dir, "nonblind", "sr.png")
+  from kfjax import io as kio
+  assert kio.load_image(sr)[0].shape == (32, 32, 3)
+
+
+def test_nonblind_is_not_applicable_without_a_kernel(smoke_cfg, tmp_path):
+  spec = suites.suite("tiny")[1]
+  row = runner.run_one(spec, "nonblind", smoke_cfg, str(tmp_path), 2)
+  assert row["status"] == "n/a"
+
+
+# -- command line ---------------------------------------------------------------------------
+
+def test_cli_lists_and_rejects_bad_input(tmp_path):
+  out = _bench("--suite", "mini", "--list", "--scales", "4")
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.count("_x4_") == 3 and "kernelfusion" in out.stdout
+  for args, msg in [(["--suite", "nope"], "unknown suite"),
+                    (["--methods", "bicubic,magic"], "unknown method"),
+                    (["--scales", "3", "--suite", "tiny"], "no case"),
+                    (["--border", "-1"], "border")]:
+    out = _bench(*args, "--workdir", str(tmp_path))
+    assert out.returncode == 2, (args, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and msg in lines[0] and "Traceback" not in out.stderr
+
+
+def test_cli_bicubic_run_writes_csv_and_report(tmp_path):
+  wd = str(tmp_path / "b")
+  out = _bench("--suite", "tiny", "--methods", "bicubic", "--workdir", wd, "--config", "smoke",
+               "--quiet")
+  assert out.returncode == 0, out.stderr
+  rows = list(csv.DictReader(open(os.path.join(wd, "results.csv"))))
+  assert [r["status"] for r in rows] == ["ok", "ok"]
+  assert "python -m kfjax.bench --suite tiny" in open(os.path.join(wd, "report.md")).read()
