@@ -37,4 +37,9 @@ def get_config():
   cfg.sample.lr = 1e-3
   cfg.sample.lr_end = 1e-4
   cfg.sample.steps_per_chunk = 5
+  # --method kernelgan: the paper's 3000 iterations with 16- instead of 64-channel G and
+  # D (~70 s for a 64×64 LR image on the 2-core CPU, measured).
+  cfg.kernelgan.g_channels = 16
+  cfg.kernelgan.d_channels = 16
+  cfg.kernelgan.steps_per_chunk = 250
   return cfg

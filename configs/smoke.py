@@ -33,4 +33,16 @@ def get_config():
   cfg.sample.lr = 1e-3
   cfg.sample.lr_end = 1e-4
   cfg.sample.steps_per_chunk = 2
+  cfg.kernel.cnn_channels = 4        # kernel.net=linear_cnn
+  kg = cfg.kernelgan                 # --method kernelgan: tiny nets, 4 iterations
+  kg.iterations = 4
+  kg.steps_per_chunk = 2
+  kg.g_sizes = (3, 3, 1, 1)
+  kg.g_channels = 4
+  kg.d_channels = 4
+  kg.d_depth = 3
+  kg.d_kernel = 3
+  kg.crop_size = 16
+  kg.switch_iter = 2
+  kg.lambda_update_freq = 2
   return cfg

@@ -31,7 +31,14 @@ def base_config():
                                             residual=False, upsample="bilinear"))
   cfg.kernel = ml_collections.ConfigDict(dict(
       size=0,               # 0: 6 × scale (24 at ×4, as in the paper)
-      width=256, depth=5, omega=5.0))
+      # Kernel network (appendix C.1): "inr" (SIREN, the paper's choice), "direct_relu" /
+      # "direct_sigmoid" (the K×K entries as free parameters), "linear_cnn" (a deep
+      # linear CNN that downscales the image; its kernel is the net applied to a delta).
+      net="inr",
+      width=256, depth=5, omega=5.0,   # SIREN ("inr")
+      cnn_sizes=(),         # "linear_cnn" layer sizes, last one strided; (): [7,7,5,3,1,4] at ×4
+      cnn_channels=32,      # "linear_cnn" hidden channels (appendix C.1: 32)
+  ))
   cfg.sample = ml_collections.ConfigDict(dict(
       t_start=200,          # first noise level (unofficial port: 200)
       num_steps=200,        # reverse steps from t_start to 1 (200 = every step)
@@ -44,6 +51,33 @@ def base_config():
       steps_per_chunk=20,   # reverse steps per dispatch (progress/checkpoint granularity)
       pd_tile=0,            # 0: PD on the whole image; N: N×N tiles (+7 px halo)
       pd_tile_batch=0,      # tiles per vmapped batch (0: all at once)
+      two_unets=False,      # True: separate U-Nets before and after PD (appendix C.2)
+      prior="diffusion",    # "dip": no PD, the U-Net alone (Deep-Image-Prior ablation, C.1)
+      dip_input="bicubic",  # "dip" network input: "bicubic" upscale or fixed "noise"
+  ))
+
+  # KernelGAN (Bell-Kligler et al. 2019) as a kernel estimator (``--method kernelgan``);
+  # defaults are the paper's. Phase 2 then runs non-blind with its kernel.
+  cfg.kernelgan = ml_collections.ConfigDict(dict(
+      iterations=3000,      # G and D steps (one each per iteration)
+      lr=2e-4,              # Adam, both networks
+      beta1=0.5,
+      g_sizes=(7, 5, 3, 1, 1, 1),  # deep linear generator, last layer strided (×2)
+      g_channels=64,
+      d_channels=64,
+      d_depth=7,            # discriminator layers: one d_kernel² conv, then 1×1 convs
+      d_kernel=7,           # discriminator receptive field (patch size it judges)
+      crop_size=64,         # G's input crop (LR pixels); D compares crop_size/2-ish patches
+      batch_size=1,
+      w_sum2one=0.5,        # regulariser weights on G's explicit kernel
+      w_boundaries=0.5,
+      w_sparse=5.0,         # from switch_iter on (0 before)
+      w_centralized=1.0,    # from switch_iter on (0 before)
+      w_bicubic=5.0,        # G ≈ bicubic ÷2 at the start; ÷100 at switch_iter and every
+      switch_iter=200,      # lambda_update_freq iterations after it
+      lambda_update_freq=200,
+      kernel_size=0,        # G's kernel grid at ×2; 0: its receptive field rounded up to even
+      steps_per_chunk=100,  # iterations per dispatch (lax.scan)
   ))
   return cfg
 

@@ -1,4 +1,5 @@
-"""Command line: ``python -m kfjax.main --image x.png [--scale 4] [--config FILE] [--workdir DIR]``.
+"""Command line: ``python -m kfjax.main --image x.png [--scale 4] [--config FILE] [--workdir DIR]
+[--method kernelfusion|kernelgan]``.
 
 Parses flags and calls :func:`kfjax.pipeline.run`; everything else is a library.
 ``--config`` takes a preset file (``configs/paper.py``, ``configs/cpu.py``,
@@ -28,6 +29,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", config_lib.preset_path("default"),
     "Preset file (configs/<preset>.py) or preset name: paper, cpu, smoke.", lock_config=False)
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress bars.")
+_METHOD = flags.DEFINE_enum("method", "kernelfusion", ["kernelfusion", "kernelgan"],
+                            "kernelfusion (blind, the default) or kernelgan: KernelGAN estimates "
+                            "the kernel, then KernelFusion's non-blind Phase 2 uses it.")
 
 
 def _expand_preset_names(argv):
@@ -67,7 +71,7 @@ def main(argv):
   workdir = _WORKDIR.value or os.path.join("kfjax_out", stem)
   try:
     pipeline.run(_IMAGE.value, cfg, workdir, kernel_path=_KERNEL.value,
-                 show_progress=not _QUIET.value)
+                 show_progress=not _QUIET.value, method=_METHOD.value)
   except KfjaxError as e:
     _fail(str(e))
   except KeyboardInterrupt:

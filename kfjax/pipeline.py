@@ -31,6 +31,8 @@ from kfjax.errors import KfjaxError
 from kfjax.models import kernel_net
 
 MIN_LR_SIZE = 16
+METHODS = ("kernelfusion", "kernelgan")
+PRIORS = ("diffusion", "dip")
 
 
 def log(msg):
@@ -80,9 +82,39 @@ def validate_config(cfg):
       (cfg.kernel.size >= 0, "kernel.size must be >= 0 (0: 6 x scale)"),
       (cfg.unet.levels >= 1, "unet.levels must be >= 1"),
   ]
+  checks += _ablation_checks(cfg)
   for ok, msg in checks:
     if not ok:
       raise KfjaxError(msg)
+
+
+def _ablation_checks(cfg):
+  """``validate_config`` checks of the ablation options and the KernelGAN fields."""
+  k, s, g = cfg.kernel, cfg.sample, cfg.kernelgan
+  nets = kernel_net.KERNEL_NETS
+  ok_net = k.net in nets
+  size = int(k.size) or 6 * int(cfg.scale)
+  sizes = tuple(k.cnn_sizes) or kernel_net.linear_cnn_sizes(int(cfg.scale), size)
+  return [
+      (ok_net, f"kernel.net must be one of {', '.join(nets)}, got {k.net!r}"),
+      (k.net != "linear_cnn" or kernel_net.cnn_field(sizes) <= size,
+       f"kernel.cnn_sizes {list(sizes)} see {kernel_net.cnn_field(sizes)} px, more than the "
+       f"{size}-px kernel (raise kernel.size)"),
+      (k.cnn_channels >= 1 and all(int(x) >= 1 for x in sizes),
+       "kernel.cnn_sizes and kernel.cnn_channels must be >= 1"),
+      (s.prior in PRIORS, f"sample.prior must be one of {', '.join(PRIORS)}, got {s.prior!r}"),
+      (s.dip_input in ("bicubic", "noise"),
+       f"sample.dip_input must be bicubic or noise, got {s.dip_input!r}"),
+      (not (s.two_unets and s.prior == "dip"),
+       "sample.two_unets needs sample.prior=diffusion (DIP applies the U-Net once)"),
+      (g.iterations >= 1 and g.steps_per_chunk >= 1 and g.batch_size >= 1,
+       "kernelgan.iterations, steps_per_chunk and batch_size must be >= 1"),
+      (g.crop_size >= 4 and g.d_depth >= 2 and g.d_kernel >= 1 and g.g_channels >= 1
+       and g.d_channels >= 1 and len(g.g_sizes) >= 1 and all(int(x) >= 1 for x in g.g_sizes),
+       "kernelgan.crop_size >= 4, d_depth >= 2, and sizes/channels >= 1 are required"),
+      (g.lr > 0 and g.switch_iter >= 0 and g.lambda_update_freq >= 1,
+       "kernelgan.lr must be > 0, switch_iter >= 0, lambda_update_freq >= 1"),
+  ]
 
 
 def _chunk_size(total, wanted):
@@ -212,14 +244,22 @@ def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, wor
   return np.asarray(hr), np.asarray(kernel), info
 
 
-def run(image_path, cfg, workdir, kernel_path=None, show_progress=True):
+def run(image_path, cfg, workdir, kernel_path=None, show_progress=True, method="kernelfusion"):
   """Run KernelFusion on one image file and write every output into ``workdir``.
 
   Outputs: ``sr.png``, ``kernel.npy``, ``kernel.png``, ``bicubic.png``,
   ``config.json``, ``summary.json``. Returns the summary dict.
+
+  ``method="kernelgan"`` estimates the kernel with KernelGAN (``kfjax.kernelgan``,
+  ``cfg.kernelgan``) and then runs the non-blind Phase 2 with it (Phase 1 still trains
+  PD, which Phase 2 needs). With ``sample.prior = "dip"`` Phase 1 is skipped (no PD).
   """
   t_start = time.time()
   validate_config(cfg)
+  if method not in METHODS:
+    raise KfjaxError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+  if method == "kernelgan" and kernel_path:
+    raise KfjaxError("--kernel and --method kernelgan exclude each other (KernelGAN estimates it)")
   scale = int(cfg.scale)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
@@ -232,15 +272,26 @@ def run(image_path, cfg, workdir, kernel_path=None, show_progress=True):
     raise KfjaxError(f"{workdir}: workdir is not writable")
   log(f"preset '{cfg.name}' on {device_description()}; image {info.width}x{info.height}x"
       f"{info.channels} ({info.bit_depth}-bit {info.format}), scale x{scale}, "
-      f"{'non-blind (kernel given)' if fixed is not None else 'blind'}")
+      f"{'non-blind (kernel given)' if fixed is not None else 'blind'}"
+      f"{', KernelGAN kernel + non-blind phase 2' if method == 'kernelgan' else ''}")
   kio.save_text_atomic(os.path.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2))
 
   bicubic = np.clip(np.asarray(resize.upscale(jnp.asarray(img), scale)), 0.0, 1.0)
   kio.save_image(os.path.join(workdir, "bicubic.png"), bicubic, bit_depth=info.bit_depth)
 
+  kg_info = None
+  if method == "kernelgan":
+    from kfjax import kernelgan  # noqa: PLC0415 (only this method needs it)
+    log(f"estimating the kernel with KernelGAN ({cfg.kernelgan.iterations} iterations)")
+    fixed, kg_info = kernelgan.estimate_kernel(img, scale, cfg, show_progress)
+
   lr_m = img * 2.0 - 1.0
   t0 = time.time()
-  pd_model, pd_params, p1 = train_phase1(cfg, lr_m, workdir, show_progress)
+  if cfg.sample.prior == "dip":
+    pd_model = pd_params = None
+    p1 = {"steps": 0, "restored_step": None, "final_loss": None, "skipped": "sample.prior=dip"}
+  else:
+    pd_model, pd_params, p1 = train_phase1(cfg, lr_m, workdir, show_progress)
   t1 = time.time()
   hr, kernel, p2 = run_phase2(cfg, pd_model, pd_params, lr_m, scale, fixed, workdir,
                               fingerprint_parts=(pd_fingerprint(cfg, lr_m),),
@@ -257,6 +308,7 @@ def run(image_path, cfg, workdir, kernel_path=None, show_progress=True):
   summary = {
       "image": os.path.abspath(image_path),
       "preset": cfg.name,
+      "method": method,
       "device": device_description(),
       "mode": p2["mode"],
       "scale": scale,
@@ -270,6 +322,8 @@ def run(image_path, cfg, workdir, kernel_path=None, show_progress=True):
       "sr_path": os.path.abspath(paths["sr.png"]),
       "kernel_path": os.path.abspath(paths["kernel.npy"]),
   }
+  if kg_info is not None:
+    summary["kernelgan"] = kg_info
   kio.save_text_atomic(paths["summary.json"], json.dumps(summary, indent=2))
   log(f"done in {summary['total_seconds']:.1f} s (phase 1 {t1 - t0:.1f} s, phase 2 {t2 - t1:.1f} s); "
       f"outputs in {os.path.abspath(workdir)}")

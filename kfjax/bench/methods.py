@@ -172,3 +172,42 @@ def register_variant(name, overrides, doc=None):
 def fingerprint_of(cfg):
   """Short fingerprint of a config, recorded per row so changed settings are visible."""
   return ckpt.fingerprint(cfg.to_json_best_effort(sort_keys=True))[:12]
+
+
+# -- issue 5: KernelFusion's ablations and KernelGAN (added by the ablations work) ----------
+# Variants change config fields only (README, "Options (ablations) and KernelGAN"); kf_dip
+# skips Phase 1 (no PD, so none is trained or counted); kernelgan estimates the kernel with
+# kfjax.kernelgan and restores with KernelFusion's non-blind Phase 2 (two-step, as the
+# papers pair KernelGAN with a non-blind SR method).
+
+register_variant("kf_direct_relu", {"kernel.net": "direct_relu"},
+                 "KernelFusion, kernel entries as free parameters through a ReLU (C.1)")
+register_variant("kf_direct_sigmoid", {"kernel.net": "direct_sigmoid"},
+                 "KernelFusion, kernel entries as free parameters through a sigmoid (C.1)")
+register_variant("kf_linear_cnn", {"kernel.net": "linear_cnn"},
+                 "KernelFusion, kernel from a deep linear CNN (C.1, KernelGAN-like)")
+register_variant("kf_two_unets", {"sample.two_unets": True},
+                 "KernelFusion, separate U-Nets before and after PD (C.2)")
+
+
+@register("kf_dip")
+def kf_dip(case, cfg, workdir):
+  """Deep-Image-Prior ablation: the U-Net alone under the same loss, no diffusion (C.1)."""
+  del workdir
+  cfg = _prepare(case, with_overrides(cfg, {"sample.prior": "dip"}))
+  sr, k, t2 = phase2(case, cfg, (None, None))
+  return Result(sr=sr, kernel=k, seconds=t2, info={"seconds_phase2": t2})
+
+
+@register("kernelgan")
+def kernelgan_method(case, cfg, workdir):
+  """KernelGAN's kernel (``kfjax.kernelgan``) + KernelFusion's non-blind Phase 2."""
+  from kfjax import kernelgan  # noqa: PLC0415
+  cfg = _prepare(case, cfg)
+  t0 = time.time()
+  k, _ = kernelgan.estimate_kernel(case.lr, case.spec.scale, cfg, show_progress=False)
+  t_kg = time.time() - t0
+  model, params, t1 = trained_pd(case, cfg, _case_dir(workdir))
+  sr, _, t2 = phase2(case, cfg, (model, params), fixed_kernel=k)
+  return Result(sr=sr, kernel=k, seconds=t_kg + t1 + t2,
+                info={"seconds_kernelgan": t_kg, "seconds_phase1": t1, "seconds_phase2": t2})

@@ -18,6 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kfjax import degrade
+from kfjax import ops
+
 LEAK = 1e-4
 
 
@@ -78,3 +81,192 @@ def export_kernel(kernel):
   """Clip to non-negative, renormalise, float32 NumPy."""
   k = np.clip(np.asarray(kernel, np.float64), 0.0, None)
   return (k / k.sum()).astype(np.float32)
+
+
+# -- alternatives to the INR (appendix C.1) ---------------------------------------------
+
+KERNEL_NETS = ("inr", "direct_relu", "direct_sigmoid", "linear_cnn")
+
+
+def gaussian_blob(size, sigma):
+  """Isotropic Gaussian on the K×K grid, centred at ``(K−1)/2``, peak 1 (NumPy)."""
+  r = np.arange(size) - (size - 1) / 2.0
+  g = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2.0 * sigma ** 2))
+  return g / g.max()
+
+
+class DirectKernel(nn.Module):
+  """The K×K entries are free parameters (appendix C.1, "direct kernel optimisation").
+
+  ``k = f(w) / sum(f(w))`` with ``f = relu`` or ``sigmoid``. Both start from the same
+  kernel: an isotropic Gaussian of standard deviation ``init_sigma`` HR pixels (peak
+  1 before normalising; for ``sigmoid`` the logits are set so that ``σ(w) = 0.01 +
+  0.98·g``, since a sigmoid cannot reach 0). Parameters are O(1), like the INR's, so the
+  same Adam learning rate moves them comparably.
+  """
+  size: int
+  activation: str = "relu"   # or "sigmoid"
+  init_sigma: float = 2.0
+
+  def _init(self, key, shape, dtype=jnp.float32):
+    del key
+    g = gaussian_blob(shape[0], self.init_sigma)
+    if self.activation == "sigmoid":
+      p = 0.01 + 0.98 * g
+      g = np.log(p) - np.log1p(-p)
+    return jnp.asarray(g, dtype)
+
+  @nn.compact
+  def __call__(self):
+    w = self.param("w", self._init, (self.size, self.size))
+    k = nn.relu(w) if self.activation == "relu" else nn.sigmoid(w)
+    return k / (jnp.sum(k) + 1e-12)
+
+
+def cnn_field(sizes):
+  """Receptive field (in HR pixels) of stacked stride-1 convolutions of these sizes
+  (the stride on the last layer does not change it)."""
+  return int(sum(sizes) - len(sizes) + 1)
+
+
+def linear_cnn_sizes(scale, size):
+  """Default layer sizes of the linear CNN kernel net (appendix C.1).
+
+  ×4: the paper's ``[7, 7, 5, 3, 1, 4]`` (receptive field 22 inside K = 24). Other
+  scales keep six layers with the stride-``s`` layer of size ``s`` last and the same
+  margin (field ``K − 2``) where it fits: ``[a, 3, 3, 1, 1, s]`` with ``a`` the largest
+  odd size such that the field ``a + s + 3 <= K − 2`` (×2, K = 12: ``[5, 3, 3, 1, 1, 2]``,
+  field 10).
+  """
+  if scale == 4 and size >= 22:
+    return (7, 7, 5, 3, 1, 4)
+  a = max(1, size - 2 - scale - 3)
+  a -= 1 - a % 2  # odd
+  return (max(1, a), 3, 3, 1, 1, int(scale))
+
+
+def _cnn_init(ksize, cin, noise, box):
+  """A box (uniform over the whole filter: the last, strided layer, and any even-sized
+  one) or a delta (the centre tap), divided by the input channels and copied to every
+  (in, out) pair, plus a little Gaussian noise: the stack then starts as area averaging
+  over the last layer's footprint (``s×s`` by default), and the noise breaks the
+  symmetry between channels."""
+  blob = np.zeros((ksize, ksize))
+  if box or ksize % 2 == 0:
+    blob[:] = 1.0 / ksize ** 2
+  else:
+    blob[ksize // 2, ksize // 2] = 1.0
+  blob = blob / cin
+
+  def init(key, shape, dtype=jnp.float32):
+    base = jnp.asarray(blob, dtype)[:, :, None, None] * jnp.ones(shape, dtype)
+    return base + noise / (cin * ksize) * jax.random.normal(key, shape, dtype)
+  return init
+
+
+class LinearCNN(nn.Module):
+  """Deep linear CNN that downscales by ``scale`` (KernelGAN's generator; appendix C.1).
+
+  Convolutions of the given ``sizes`` (channels ``1 → channels → … → 1``, no biases, no
+  nonlinearity), the last one strided by ``scale``. Colour channels are processed
+  separately, as one filter serves them all. Being linear and shift-invariant (up to the
+  stride), the whole net is one ``(K, K)`` kernel, :meth:`explicit_kernel`: the stack of
+  stride-1 convolutions applied to a delta, placed in the K×K grid with the field's
+  centre at the grid centre (``d = (K−F)//2`` rows after it). :meth:`downscale` applies
+  the layers themselves to images with the padding and pixel phase of
+  :func:`kfjax.degrade.downscale`, so ``downscale(x) == degrade.downscale(x,
+  explicit_kernel(), scale)`` exactly (pinned by tests).
+  """
+  sizes: tuple
+  channels: int = 32
+  scale: int = 2
+  size: int = 0          # K of the explicit kernel; 0: the receptive field
+  init_noise: float = 0.1
+
+  @property
+  def field(self):
+    return cnn_field(self.sizes)
+
+  @property
+  def ksize(self):
+    return int(self.size) or self.field
+
+  def setup(self):
+    n = len(self.sizes)
+    chans = [1] + [int(self.channels)] * (n - 1) + [1]
+    if self.field > self.ksize:
+      raise ValueError(f"linear CNN field {self.field} exceeds the kernel size {self.ksize}")
+    self.weights = [
+        self.param(f"conv{i}", _cnn_init(s, chans[i], self.init_noise, i == n - 1),
+                   (s, s, chans[i], chans[i + 1]))
+        for i, s in enumerate(self.sizes)]
+
+  def _stack(self, planes):
+    """All layers at stride 1, VALID: ``(N, H, W, 1) → (N, H−F+1, W−F+1, 1)``."""
+    h = planes
+    for w in self.weights:
+      h = ops.conv2d(h, w)
+    return h
+
+  def explicit_kernel(self):
+    """The net's ``(K, K)`` convolution kernel (not normalised)."""
+    f, k = self.field, self.ksize
+    delta = jnp.zeros((1, 2 * f - 1, 2 * f - 1, 1)).at[0, f - 1, f - 1, 0].set(1.0)
+    kf = self._stack(delta)[0, :, :, 0]  # correlation of a delta: the convolution kernel
+    d = (k - f) // 2
+    lo = k - f - d
+    return jnp.pad(kf, ((lo, d), (lo, d)))
+
+  def downscale(self, x):
+    """``(..., H, W, C) → (..., ceil(H/s), ceil(W/s), C)`` by the layers themselves."""
+    x = jnp.asarray(x)
+    *lead, h, w, c = x.shape
+    s, k, f = int(self.scale), self.ksize, self.field
+    d = (k - f) // 2
+    lo_h, hi_h, skip_h, out_h = degrade._pads(h, s, k)
+    lo_w, hi_w, skip_w, out_w = degrade._pads(w, s, k)
+    planes = jnp.moveaxis(x.reshape((-1, h, w, c)), -1, 1).reshape((-1, h, w, 1))
+    planes = jnp.pad(planes, ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0)), mode="symmetric")
+    planes = planes[:, skip_h + d:, skip_w + d:, :]
+    y = self._stack(planes)[:, ::s, ::s, 0][:, :out_h, :out_w]
+    y = jnp.moveaxis(y.reshape((-1, c, out_h, out_w)), 1, -1)
+    return y.reshape((*lead, out_h, out_w, c))
+
+  def __call__(self):
+    return self.explicit_kernel()
+
+
+class LinearCNNKernel(nn.Module):
+  """Kernel-net interface around :class:`LinearCNN`: its explicit kernel divided by its
+  sum (a scalar, so the net still *is* that kernel up to scale). Entries may be
+  negative (no activation, as in the paper); :func:`export_kernel` clips them."""
+  size: int
+  sizes: tuple
+  channels: int = 32
+  scale: int = 2
+
+  def setup(self):
+    self.cnn = LinearCNN(sizes=tuple(self.sizes), channels=self.channels, scale=self.scale,
+                         size=self.size)
+
+  def __call__(self):
+    k = self.cnn.explicit_kernel()
+    return k / jnp.sum(k)
+
+
+def make(kcfg, size, scale):
+  """The kernel network named by ``kcfg.net`` (``cfg.kernel``) for a K×K kernel at ×s.
+
+  Every one is a Flax module with no inputs whose ``init(rng)`` / ``apply(params)``
+  give its parameters / the ``(K, K)`` kernel summing to 1.
+  """
+  net = kcfg.get("net", "inr")
+  if net == "inr":
+    return SirenKernel(size=size, width=kcfg.width, depth=kcfg.depth, omega=kcfg.omega)
+  if net in ("direct_relu", "direct_sigmoid"):
+    return DirectKernel(size=size, activation=net.split("_")[1], init_sigma=float(scale))
+  if net == "linear_cnn":
+    sizes = tuple(kcfg.get("cnn_sizes", ())) or linear_cnn_sizes(int(scale), size)
+    return LinearCNNKernel(size=size, sizes=sizes, channels=int(kcfg.get("cnn_channels", 32)),
+                           scale=int(scale))
+  raise ValueError(f"unknown kernel.net {net!r}; choose one of {', '.join(KERNEL_NETS)}")

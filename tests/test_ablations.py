@@ -1,0 +1,248 @@
+"""The KernelFusion ablation options (issue 5): kernel nets, two U-Nets, DIP.
+
+Every option runs Phase 2 under the ``smoke`` preset (two chunks of two reverse steps),
+traces its chunk once, and yields a valid kernel; non-blind mode is traced for each
+(``jax.eval_shape``, no compilation). The kernel networks' own properties (normalised,
+the linear CNN's explicit kernel equals what it does to images) are checked directly.
+PD is untrained (random parameters): these tests are about plumbing, not quality.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kfjax import config as config_lib
+from kfjax import degrade
+from kfjax import pipeline
+from kfjax import sampler
+from kfjax import train_pd
+from kfjax.errors import KfjaxError
+from kfjax.models import kernel_net
+
+LR_SHAPE = (12, 16, 3)
+SCALE = 2
+
+OPTIONS = {
+    "direct_relu": {"kernel.net": "direct_relu"},
+    "direct_sigmoid": {"kernel.net": "direct_sigmoid"},
+    "linear_cnn": {"kernel.net": "linear_cnn"},
+    "two_unets": {"sample.two_unets": True},
+    "dip": {"sample.prior": "dip"},
+}
+
+
+def _key(seed):
+  return jax.random.key(seed, impl="unsafe_rbg")
+
+
+def _cfg(overrides=()):
+  cfg = config_lib.preset("smoke")
+  for key, value in dict(overrides).items():
+    node = cfg
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  pipeline.validate_config(cfg)
+  return cfg
+
+
+def _lr_image():
+  h, w, c = LR_SHAPE
+  yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
+  img = np.stack([np.sin(4 * xx + 3 * yy + i) * 0.7 for i in range(c)], -1)
+  return jnp.asarray(img, jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def pd():
+  cfg = _cfg()
+  model = train_pd.make_model(cfg, LR_SHAPE[-1])
+  tx = train_pd.make_optimizer(cfg)
+  state = jax.jit(lambda k: train_pd.init_state(cfg, model, tx, LR_SHAPE, k))(_key(0))
+  return model, state.params, train_pd.make_schedule(cfg)
+
+
+def _count_forward(p2):
+  """Count Python traces of ``p2._forward`` (one per trace of a chunk)."""
+  calls = [0]
+  inner = p2._forward
+
+  def counted(*args):
+    calls[0] += 1
+    return inner(*args)
+  p2._forward = counted
+  return calls
+
+
+@pytest.fixture(scope="module", params=list(OPTIONS))
+def option_run(request, pd):
+  name = request.param
+  cfg = _cfg(OPTIONS[name])
+  model, params, sched = pd
+  dip = cfg.sample.prior == "dip"
+  p2 = sampler.Phase2(cfg, None if dip else model, None if dip else params, sched, LR_SHAPE,
+                      SCALE)
+  calls = _count_forward(p2)
+  lr = _lr_image()
+  init = jax.jit(p2.init)(lr, _key(1))
+  steps = int(cfg.sample.steps_per_chunk)
+  chunk = p2.make_chunk(steps)
+  state, traces, metrics = init, [], []
+  for _ in range(p2.num_steps // steps):
+    state, m = chunk(state, lr, _key(2))
+    traces.append(calls[0])
+    metrics.append(jax.tree.map(np.asarray, m))
+  metrics = sampler.Phase2Metrics(*[np.concatenate(f) for f in zip(*metrics)])
+  hr, k = p2.result(state)
+  return dict(name=name, cfg=cfg, p2=p2, init=init, state=state, chunk=chunk, traces=traces,
+              metrics=metrics, hr=np.asarray(hr), kernel=np.asarray(k))
+
+
+def test_option_runs_traces_once_and_gives_a_valid_kernel(option_run):
+  r = option_run
+  assert len(r["traces"]) == 2 and r["traces"][0] >= 1
+  assert r["traces"][1] == r["traces"][0], "the chunk was traced again on its second call"
+  assert r["chunk"]._cache_size() == 1
+  assert int(r["state"].step) == r["p2"].num_steps
+  k = r["kernel"]
+  ksize = sampler.kernel_size(r["cfg"], SCALE)
+  assert k.shape == (ksize, ksize) and np.all(np.isfinite(k))
+  assert abs(float(k.sum()) - 1.0) < 1e-4
+  e = kernel_net.export_kernel(k)
+  assert e.dtype == np.float32 and e.min() >= 0 and abs(float(e.sum()) - 1.0) < 1e-5
+  hr = r["hr"]
+  assert hr.shape == (LR_SHAPE[0] * SCALE, LR_SHAPE[1] * SCALE, LR_SHAPE[2])
+  assert np.all(np.isfinite(hr)) and hr.min() >= -1 and hr.max() <= 1
+  for f in r["metrics"]:
+    assert np.all(np.isfinite(f))
+  # The kernel was optimised (it moved from its initial value).
+  k0 = np.asarray(r["p2"].kernel(r["init"].params))
+  assert np.abs(k - k0).max() > 0
+
+
+def test_option_specifics(option_run):
+  r = option_run
+  name, init, state, m = r["name"], r["init"], r["state"], r["metrics"]
+  w = r["cfg"].sample.com_weight
+  if name == "two_unets":
+    assert set(init.params) == {"unet", "unet2", "kernel"}
+    a, b = jax.tree.leaves(state.params["unet"]), jax.tree.leaves(state.params["unet2"])
+    assert any(np.abs(np.asarray(x) - np.asarray(y)).max() > 0 for x, y in zip(a, b))
+  else:
+    assert set(init.params) == {"unet", "kernel"}
+  if name == "dip":
+    # The network input is fixed (bicubic upscale); the loss counts it twice (a = b).
+    np.testing.assert_array_equal(np.asarray(state.x0), np.asarray(init.x0))
+    np.testing.assert_array_equal(m.cons_a, m.cons_b)
+    np.testing.assert_allclose(m.loss, 2 * m.cons_a + w * m.com, rtol=1e-5, atol=1e-7)
+    assert not np.array_equal(r["hr"], np.asarray(state.x0))  # result is R(x0)
+  else:
+    np.testing.assert_allclose(m.loss, m.cons_a + m.cons_b + w * m.com, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_option_nonblind_traces(name, pd):
+  """Non-blind mode with each option: the kernel stays the given one (traced only)."""
+  cfg = _cfg(OPTIONS[name])
+  model, params, sched = pd
+  k = np.zeros((12, 12), np.float32)
+  k[5:7, 5:7] = 0.25
+  p2 = sampler.Phase2(cfg, model, params, sched, LR_SHAPE, SCALE, fixed_kernel=k)
+  lr = jax.ShapeDtypeStruct(LR_SHAPE, jnp.float32)
+  init = jax.eval_shape(p2.init, lr, _key(5))
+  assert "kernel" not in init.params
+  state, metrics = jax.eval_shape(p2.make_chunk(2), init, lr, _key(6))
+  assert jax.tree.structure(state) == jax.tree.structure(init)
+  assert metrics.loss.shape == (2,)
+  np.testing.assert_array_equal(np.asarray(p2.kernel(init.params)), k)
+
+
+# -- kernel networks ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("net", kernel_net.KERNEL_NETS)
+@pytest.mark.parametrize("scale,size", [(2, 12), (4, 24), (3, 18)])
+def test_kernel_nets_are_normalised(net, scale, size):
+  cfg = _cfg({"kernel.net": net})
+  module = kernel_net.make(cfg.kernel, size, scale)
+  params = jax.jit(module.init)(_key(3))
+  k = np.asarray(jax.jit(module.apply)(params))
+  assert k.shape == (size, size) and np.all(np.isfinite(k))
+  assert abs(float(k.sum()) - 1.0) < 1e-5
+  if net.startswith("direct"):
+    assert k.min() >= 0
+    # Starts as a centred blob: centre of mass at the grid centre, peak in the middle.
+    cy, cx = kernel_net.center_of_mass(jnp.asarray(k))
+    assert abs(float(cy)) < 1e-4 and abs(float(cx)) < 1e-4
+    assert k[size // 2, size // 2] == pytest.approx(k.max(), rel=1e-3)
+
+
+def test_direct_kernels_stay_normalised_after_any_parameters():
+  for act in ("relu", "sigmoid"):
+    module = kernel_net.DirectKernel(size=8, activation=act)
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(8, 8)), jnp.float32)
+    k = np.asarray(module.apply({"params": {"w": w}}))
+    assert k.min() >= 0 and abs(float(k.sum()) - 1.0) < 1e-5
+    if act == "relu":
+      assert np.all(k[np.asarray(w) <= 0] == 0)
+
+
+@pytest.mark.parametrize("scale,size,sizes", [
+    (2, 12, None),            # default at x2: [5, 3, 3, 1, 1, 2]
+    (4, 24, None),            # the paper's [7, 7, 5, 3, 1, 4]
+    (3, 18, None),
+    (2, 14, (7, 5, 3, 1, 1, 1)),  # KernelGAN's generator
+    (2, 13, (3, 3, 1, 2)),    # odd K at even s: the net's field sits off-centre
+])
+def test_linear_cnn_explicit_kernel_is_what_it_does_to_images(scale, size, sizes):
+  sizes = sizes or kernel_net.linear_cnn_sizes(scale, size)
+  net = kernel_net.LinearCNN(sizes=sizes, channels=3, scale=scale, size=size, init_noise=2.0)
+  params = net.init(_key(4), method=net.explicit_kernel)
+  k = jax.jit(lambda p: net.apply(p, method=net.explicit_kernel))(params)
+  assert k.shape == (size, size)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 21, 26, 3)), jnp.float32)
+  y_net = jax.jit(lambda p, x: net.apply(p, x, method=net.downscale))(params, x)
+  y_ker = degrade.downscale(x, k, scale)
+  assert y_net.shape == y_ker.shape == (2, -(-21 // scale), -(-26 // scale), 3)
+  np.testing.assert_allclose(np.asarray(y_net), np.asarray(y_ker), atol=2e-5, rtol=1e-5)
+  # Float64 reference for the kernel itself: compose the layers by hand.
+  ws = [np.asarray(params["params"][f"conv{i}"], np.float64) for i in range(len(sizes))]
+  comp = ws[0][:, :, 0, :]                            # (k, k, C)
+  for w in ws[1:]:                                    # full correlation chain
+    kh = w.shape[0]
+    n = comp.shape[0] + kh - 1
+    out = np.zeros((n, n, w.shape[-1]))
+    for u in range(kh):
+      for v in range(kh):
+        out[u:u + comp.shape[0], v:v + comp.shape[0]] += comp @ w[u, v]
+    comp = out
+  corr = comp[:, :, 0]                                # correlation filter, size F
+  f = corr.shape[0]
+  d = (size - f) // 2
+  expect = np.pad(corr[::-1, ::-1], ((size - f - d, d), (size - f - d, d)))
+  np.testing.assert_allclose(np.asarray(k), expect, atol=1e-5)
+
+
+def test_linear_cnn_starts_as_area_averaging():
+  net = kernel_net.LinearCNN(sizes=(5, 3, 3, 1, 1, 2), channels=8, scale=2, size=12,
+                             init_noise=0.0)
+  k = np.asarray(net.apply(net.init(_key(0), method=net.explicit_kernel),
+                           method=net.explicit_kernel))
+  expect = np.zeros((12, 12))
+  expect[5:7, 5:7] = 0.25
+  np.testing.assert_allclose(k, expect, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"kernel.net": "foo"}, "kernel.net"),
+    ({"sample.prior": "gan"}, "sample.prior"),
+    ({"sample.dip_input": "zeros"}, "dip_input"),
+    ({"sample.prior": "dip", "sample.two_unets": True}, "two_unets"),
+    ({"kernel.net": "linear_cnn", "kernel.cnn_sizes": (9, 9, 2)}, "cnn_sizes"),
+    ({"kernelgan.iterations": 0}, "kernelgan.iterations"),
+])
+def test_bad_option_values_are_refused(overrides, needle):
+  with pytest.raises(KfjaxError, match=needle) as e:
+    _cfg(overrides)
+  assert "\n" not in str(e.value)

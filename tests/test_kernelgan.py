@@ -1,0 +1,180 @@
+"""KernelGAN (``kfjax.kernelgan``) and ``--method kernelgan`` (issue 5), smoke-sized."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import skimage.data
+
+from kfjax import config as config_lib
+from kfjax import degrade
+from kfjax import io as kio
+from kfjax import kernelgan
+from kfjax.models import kernel_net
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def _gaussian(size, sigma):
+  r = np.arange(size) - (size - 1) / 2
+  k = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma ** 2))
+  return k / k.sum()
+
+
+@pytest.fixture(scope="module")
+def lr_image():
+  """A 32×32 LR crop of a real photo, degraded at ×2 by a known Gaussian (σ = 1.5)."""
+  hr = skimage.data.chelsea()[80:144, 120:184].astype(np.float64) / 255.0
+  return degrade.downscale_np(hr, _gaussian(12, 1.5), 2).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def trained(lr_image):
+  cfg = config_lib.preset("smoke")
+  raw, info, (model, chunk, state) = kernelgan.train(cfg, lr_image, 2, show_progress=False)
+  return dict(cfg=cfg, raw=raw, info=info, model=model, chunk=chunk, state=state)
+
+
+def test_training_traces_once_and_runs_every_iteration(trained):
+  cfg = trained["cfg"]
+  assert cfg.kernelgan.iterations // cfg.kernelgan.steps_per_chunk >= 2  # chunk called twice
+  assert trained["chunk"]._cache_size() == 1
+  assert int(trained["state"].it) == cfg.kernelgan.iterations
+  info = trained["info"]
+  assert info["iterations"] == cfg.kernelgan.iterations and info["scale_trained"] == 2
+  assert all(np.isfinite(v) for v in info["final"].values())
+
+
+def test_generator_kernel_is_what_it_does_to_images(trained, lr_image):
+  """G's explicit kernel (trained parameters) equals G applied to images under the
+  project's degradation convention."""
+  model, params = trained["model"], trained["state"].g_params
+  k = model.kernel(params)
+  assert k.shape == (model.gen.ksize,) * 2 == (6, 6)  # smoke G: field 5, even K at x2
+  np.testing.assert_allclose(np.asarray(k), trained["raw"], atol=1e-6)
+  x = jnp.asarray(lr_image)[None]
+  y_g = model.gen.apply(params, x, method=model.gen.downscale)
+  np.testing.assert_allclose(np.asarray(y_g), np.asarray(degrade.downscale(x, k, 2)),
+                             atol=2e-5)
+
+
+def test_estimate_kernel_is_valid(trained, lr_image, monkeypatch):
+  """The exported kernel of the trained G (training itself is the fixture's)."""
+  out = (trained["raw"], dict(trained["info"]), None)
+  monkeypatch.setattr(kernelgan, "train", lambda *a, **kw: out)
+  k, info = kernelgan.estimate_kernel(lr_image, 2, trained["cfg"], show_progress=False)
+  assert k.dtype == np.float32 and k.shape == (6, 6)
+  assert np.all(np.isfinite(k)) and k.min() >= 0 and abs(float(k.sum()) - 1.0) < 1e-5
+  assert info["kernel_size"] == 6 and info["seconds"] >= 0
+
+
+def test_x4_kernel_is_the_x2_kernel_composed(monkeypatch, lr_image):
+  """At ×4, G is trained at ×2 and its kernel composed with itself (no retraining here)."""
+  k2 = np.random.default_rng(0).random((6, 6)).astype(np.float32)
+  seen = {}
+
+  def fake_train(cfg, image, scale_g, show_progress=True):
+    seen["scale_g"] = scale_g
+    return k2, {"iterations": 0}, None
+  monkeypatch.setattr(kernelgan, "train", fake_train)
+  k4, info = kernelgan.estimate_kernel(lr_image, 4, config_lib.preset("smoke"), False)
+  assert seen["scale_g"] == 2 and k4.shape == (16, 16) and info["kernel_size"] == 16
+  expect = kernelgan.compose_x2(k2 / k2.sum())
+  np.testing.assert_allclose(k4, expect / expect.sum(), atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [6, 12])
+def test_compose_x2_equals_downscaling_twice(size):
+  """``downscale(x, compose_x2(k), 4) == downscale(downscale(x, k, 2), k, 2)`` on the
+  interior (borders differ: the intermediate image's symmetric padding is not the
+  downscaled padding of ``x``)."""
+  rng = np.random.default_rng(size)
+  k = rng.random((size, size)) * _gaussian(size, size / 4)
+  k /= k.sum()
+  x = rng.normal(size=(72, 80, 2))
+  twice = degrade.downscale_np(degrade.downscale_np(x, k, 2), k, 2)
+  k4 = kernelgan.compose_x2(k)
+  assert k4.shape == (3 * size - 2,) * 2 and abs(k4.sum() - 1) < 1e-12
+  once = degrade.downscale_np(x, k4, 4)
+  assert once.shape == twice.shape == (18, 20, 2)
+  m = -(-size // 2)  # LR4 pixels whose footprint reaches the border
+  np.testing.assert_allclose(once[m:-m, m:-m], twice[m:-m, m:-m], atol=1e-10)
+  assert np.abs(once - twice).max() > 1e-6  # the borders do differ
+
+
+def test_regularisers_and_schedule():
+  mask = kernelgan.boundary_mask(14)
+  assert mask.shape == (14, 14) and mask.min() == 0 and np.all(mask[5:9, 5:9] == 0)
+  assert mask[0, 0] > mask[0, 7] > 0
+  delta = jnp.zeros((14, 14)).at[6:8, 6:8].set(0.25)
+  regs = kernelgan.regularisers(delta, jnp.asarray(mask))
+  assert float(regs["sum2one"]) < 1e-6 and float(regs["boundaries"]) == 0
+  assert float(regs["centralized"]) < 1e-10
+  kc = config_lib.base_config().kernelgan
+  early, late = kernelgan.lambdas(kc, jnp.asarray(0)), kernelgan.lambdas(kc, jnp.asarray(450))
+  assert float(early["bicubic"]) == 5 and float(early["sparse"]) == 0
+  assert float(late["sparse"]) == 5 and float(late["centralized"]) == 1
+  assert float(late["bicubic"]) == pytest.approx(5e-4)  # /100 at 200, again at 400
+
+
+def test_image_too_small_is_a_clear_error():
+  from kfjax.errors import KfjaxError
+  cfg = config_lib.preset("smoke")
+  cfg.kernelgan.d_kernel = 9
+  with pytest.raises(KfjaxError, match="too small for KernelGAN"):
+    kernelgan.KernelGAN(cfg, (16, 16, 3), 2)
+
+
+# -- command line -----------------------------------------------------------------------------
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "kfjax.main", *args], capture_output=True,
+                        text=True, env=ENV, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def lr_png(tmp_path_factory, lr_image):
+  path = str(tmp_path_factory.mktemp("img") / "lr.png")
+  kio.save_image(path, lr_image[:20, :24])
+  return path
+
+
+def test_cli_method_kernelgan_writes_every_output(lr_png, tmp_path):
+  wd = str(tmp_path / "out")
+  res = _cli("--image", lr_png, "--config", "smoke", "--workdir", wd, "--quiet",
+             "--method", "kernelgan")
+  assert res.returncode == 0, res.stderr[-3000:]
+  for name in ("sr.png", "kernel.npy", "kernel.png", "bicubic.png", "config.json",
+               "summary.json"):
+    assert os.path.exists(os.path.join(wd, name)), name
+  sr, _ = kio.load_image(os.path.join(wd, "sr.png"))
+  assert sr.shape == (40, 48, 3)
+  k = np.load(os.path.join(wd, "kernel.npy"))
+  assert k.shape == (6, 6) and k.min() >= 0 and abs(float(k.sum()) - 1) < 1e-5
+  summary = json.load(open(os.path.join(wd, "summary.json")))
+  assert summary["method"] == "kernelgan" and summary["mode"] == "nonblind"
+  assert summary["kernelgan"]["seconds"] > 0 and summary["kernelgan"]["iterations"] == 4
+  assert summary["kernel_size"] == 6
+  assert kernel_net.export_kernel(k).shape == (6, 6)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--config.kernel.net=foo"], "kernel.net must be one of"),
+    (["--method", "kernelgan", "--kernel", "{k}"], "exclude each other"),
+    (["--config.sample.prior=gan"], "sample.prior"),
+])
+def test_cli_bad_option_is_one_line_exit_2(lr_png, tmp_path, args, needle):
+  k = str(tmp_path / "k.npy")
+  np.save(k, _gaussian(12, 1.0))
+  args = [a.format(k=k) for a in args]
+  res = _cli("--image", lr_png, "--config", "smoke", "--workdir", str(tmp_path / "wd"),
+             "--quiet", *args)
+  assert res.returncode == 2, res.stderr[-2000:]
+  assert "Traceback" not in res.stderr
+  lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+  assert len(lines) == 1 and needle in lines[0], res.stderr
