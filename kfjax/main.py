@@ -34,17 +34,6 @@ _METHOD = flags.DEFINE_enum("method", "kernelfusion", ["kernelfusion", "kernelga
                             "the kernel, then KernelFusion's non-blind Phase 2 uses it.")
 
 
-def _expand_preset_names(argv):
-  """Let ``--config cpu`` / ``--config=paper`` stand for the preset's file."""
-  out = list(argv)
-  for i, arg in enumerate(out):
-    if arg.startswith("--config=") and arg[9:] in config_lib.PRESETS:
-      out[i] = "--config=" + config_lib.preset_path(arg[9:])
-    elif arg == "--config" and i + 1 < len(out) and out[i + 1] in config_lib.PRESETS:
-      out[i + 1] = config_lib.preset_path(out[i + 1])
-  return out
-
-
 def _fail(msg):
   print(f"kfjax: error: {msg}", file=sys.stderr)
   sys.exit(2)
@@ -80,7 +69,7 @@ def main(argv):
 
 def _parse_flags(argv):
   try:
-    return flags.FLAGS(_expand_preset_names(argv))
+    return flags.FLAGS(config_lib.expand_preset_names(argv))
   except flags.Error as e:
     _fail(str(e).splitlines()[0] if str(e) else "bad flags")
 
