@@ -33,7 +33,10 @@ setup(
         "matplotlib>=3.8,<4",        # benchmark figures (kfjax.bench.report)
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "chex>=0.1.87,<0.2"],
+        # torch: the PyTorch reference of the throughput benchmark (a CPU wheel, ~20 s to
+        # install); in "test" too, so CI runs the reference-equivalence test.
+        "test": ["pytest>=8,<10", "chex>=0.1.87,<0.2", "torch==2.13.0"],
+        "bench": ["torch==2.13.0"],
     },
     entry_points={"console_scripts": ["kfjax=kfjax.main:cli"]},
 )

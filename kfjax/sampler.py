@@ -17,6 +17,11 @@ final ``b`` and the kernel. The inner loop is a ``lax.scan`` as long as the long
 ``lax.scan`` too; :func:`make_phase2_chunk`
 compiles ``chunk`` steps into one program, and ``chunk = num_steps`` makes the whole
 of Phase 2 a single dispatch. ``--kernel`` mode (non-blind) fixes ``k``.
+
+Ablation options (appendix C.1-C.2): ``kernel.net`` picks the kernel network
+(:func:`make_kernel_net`), ``sample.two_unets`` gives the application after PD its own
+U-Net (``params["unet2"]``), and ``sample.prior = "dip"`` drops the diffusion prior
+(:meth:`Phase2._forward_dip`).
 """
 
 from typing import Any, NamedTuple, Optional
@@ -62,9 +67,8 @@ def make_unet(cfg, channels):
 
 
 def make_kernel_net(cfg, scale):
-  k = cfg.kernel
-  return kernel_net.SirenKernel(size=kernel_size(cfg, scale), width=k.width, depth=k.depth,
-                                omega=k.omega)
+  """The kernel network ``cfg.kernel.net`` (SIREN by default; see ``kernel_net.make``)."""
+  return kernel_net.make(cfg.kernel, kernel_size(cfg, scale), int(scale))
 
 
 def timesteps(cfg):
@@ -91,6 +95,11 @@ class Phase2:
       raise ValueError(f"sample.t_start must be below diffusion.num_steps ({sched.num_steps})")
     self.num_steps = int(cfg.sample.num_steps)
     self.tx = optax.scale_by_adam()
+    # Ablations (appendix C.1-C.2): a second U-Net for the application after PD, and
+    # the Deep-Image-Prior setup without diffusion (see _forward_dip).
+    self.two_unets = bool(cfg.sample.get("two_unets", False))
+    self.dip = cfg.sample.get("prior", "diffusion") == "dip"
+    self.dip_input = cfg.sample.get("dip_input", "bicubic")
 
   # -- pieces -----------------------------------------------------------------
   def kernel(self, params):
@@ -98,8 +107,8 @@ class Phase2:
       return self.fixed_kernel
     return self.kernel_net.apply(params["kernel"])
 
-  def unet_apply(self, params, x):
-    out, _ = self.unet.apply(params["unet"], x[None], mutable=["batch_stats"])
+  def unet_apply(self, params, x, which="unet"):
+    out, _ = self.unet.apply(params[which], x[None], mutable=["batch_stats"])
     return out[0]
 
   def pd_apply(self, x, t):
@@ -110,52 +119,106 @@ class Phase2:
     return pd_lib.apply_whole(self.pd_model, self.pd_params, x[None], jnp.full((1,), t))[0]
 
   def _forward(self, params, x, x0, t, s, xi, lr_image):
+    if self.dip:
+      return self._forward_dip(params, x, x0, lr_image)
     k = self.kernel(params)
     a = self.unet_apply(params, x0)
     x_s = sch.posterior_sample(self.sched, a, x, t, s, xi, float(self.cfg.sample.eta))
     v = self.pd_apply(x_s, s)
-    b = self.unet_apply(params, sch.x0_from_v(self.sched, x_s, s, v))
+    b = self.unet_apply(params, sch.x0_from_v(self.sched, x_s, s, v),
+                        "unet2" if self.two_unets else "unet")
     cons_a = jnp.mean((degrade.downscale(a, k, self.scale) - lr_image) ** 2)
     cons_b = jnp.mean((degrade.downscale(b, k, self.scale) - lr_image) ** 2)
     com = kernel_net.center_of_mass_loss(k)
     loss = cons_a + cons_b + self.cfg.sample.com_weight * com
     return loss, (x_s, b, cons_a, cons_b, com)
 
+  def _forward_dip(self, params, x, x0, lr_image):
+    """Deep-Image-Prior ablation (``sample.prior = "dip"``): no noise, no PD.
+
+    ``a = R(x0)`` with the fixed network input ``x0`` (the bicubic upscale, or fixed
+    noise with ``sample.dip_input = "noise"``); the loss is the diffusion loss with
+    ``b = a``, i.e. ``2·mse(I_LR, (a*k)↓s) + λ_com·COM(k)``, so the consistency/COM
+    balance, the iteration counts and the optimiser are those of the diffusion run.
+    ``x`` and ``x0`` pass through unchanged (the state keeps the input; :meth:`result`
+    applies the network to it).
+    """
+    k = self.kernel(params)
+    a = self.unet_apply(params, x0)
+    cons = jnp.mean((degrade.downscale(a, k, self.scale) - lr_image) ** 2)
+    com = kernel_net.center_of_mass_loss(k)
+    loss = 2.0 * cons + self.cfg.sample.com_weight * com
+    return loss, (x, x0, cons, cons, com)
+
   # -- state ------------------------------------------------------------------
   def init(self, lr_image, rng):
-    """Initial state: bicubic guess, noised to ``ts[0]``; fresh networks."""
+    """Initial state: bicubic guess, noised to ``ts[0]``; fresh networks.
+
+    DIP: ``x = x0`` = the network's fixed input (bicubic upscale, or noise ~ U(−0.1, 0.1)
+    as in Ulyanov et al.'s DIP with ``sample.dip_input = "noise"``).
+    """
     lr_image = jnp.asarray(lr_image, jnp.float32)
     k_unet, k_kern, k_noise = jax.random.split(rng, 3)
     x0 = jnp.clip(resize.upscale(lr_image, self.scale), -1.0, 1.0)
     params = {"unet": self.unet.init(k_unet, x0[None])}
+    if self.two_unets and not self.dip:
+      params["unet2"] = self.unet.init(jax.random.fold_in(k_unet, 1), x0[None])
     if self.fixed_kernel is None:
       params["kernel"] = self.kernel_net.init(k_kern)
-    x = sch.q_sample(self.sched, x0, self.ts[0], jax.random.normal(k_noise, x0.shape))
+    if self.dip:
+      if self.dip_input == "noise":
+        x0 = jax.random.uniform(k_noise, x0.shape, jnp.float32, -0.1, 0.1)
+      x = x0
+    else:
+      x = sch.q_sample(self.sched, x0, self.ts[0], jax.random.normal(k_noise, x0.shape))
     return Phase2State(jnp.zeros((), jnp.int32), params, self.tx.init(params), x, x0)
 
-  def make_chunk(self, steps):
-    """``chunk(state, lr_image, rng) -> (state, Phase2Metrics[steps])``, jitted."""
+  def init_batch(self, lr_images, rngs):
+    """Initial state of ``N`` same-size images for ``make_chunk(steps, batch=N)``.
+
+    ``lr_images`` (N, h, w, C), ``rngs`` (N,) keys. Every leaf gets a leading image
+    axis except ``step``, which all images share.
+    """
+    state = jax.vmap(self.init)(jnp.asarray(lr_images, jnp.float32), rngs)
+    return state._replace(step=jnp.zeros((), jnp.int32))
+
+  def make_chunk(self, steps, batch=None):
+    """``chunk(state, lr_image, rng) -> (state, Phase2Metrics[steps])``, jitted.
+
+    ``batch=N`` runs ``N`` same-size images together (state from :meth:`init_batch`,
+    ``lr_image`` (N, h, w, C), ``rng`` (N,) keys; metrics ``(steps, N)``, ``t`` (steps,)).
+    Only the per-image work is vmapped: the step counter, the timesteps and the
+    iteration count stay shared, so ``lax.cond`` still skips surplus iterations.
+    Image ``n`` of a batch follows exactly the path it would follow alone.
+    """
     cfg = self.cfg.sample
     n_first, n_iter = int(cfg.n_iter_first), int(cfg.n_iter)
     lr0, lr1 = float(cfg.lr), float(cfg.lr_end)
+    per_image = (lambda f, **_: f) if batch is None else jax.vmap
 
     def reverse_step(carry, _):
       state, lr_image, rng = carry
       i = state.step
       t, s = self.ts[i], self.ts[i + 1]
-      xi = jax.random.normal(jax.random.fold_in(rng, i), state.x.shape)
       n = jnp.where(i == 0, n_first, n_iter)
-      grad_fn = jax.value_and_grad(
-          lambda p: self._forward(p, state.x, state.x0, t, s, xi, lr_image), has_aux=True)
+      draw = lambda key, x: jax.random.normal(jax.random.fold_in(key, i), x.shape)
+      xi = per_image(draw)(rng, state.x)
 
-      def iteration(c, j):
-        params, opt_state, _ = c
-        (loss, aux), grads = grad_fn(params)
-        frac = j.astype(jnp.float32) / n.astype(jnp.float32)
-        lr = lr1 + 0.5 * (lr0 - lr1) * (1.0 + jnp.cos(jnp.pi * frac))
+      def update(params, opt_state, x, x0, xi, lr_image, lr):
+        """One Adam iteration on one image."""
+        (loss, aux), grads = jax.value_and_grad(
+            lambda p: self._forward(p, x, x0, t, s, xi, lr_image), has_aux=True)(params)
         updates, opt_state = self.tx.update(grads, opt_state, params)
         params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
         return params, opt_state, (loss, aux)
+
+      update_all = per_image(update, in_axes=(0, 0, 0, 0, 0, 0, None))
+
+      def iteration(c, j):
+        params, opt_state, _ = c
+        frac = j.astype(jnp.float32) / n.astype(jnp.float32)
+        lr = lr1 + 0.5 * (lr0 - lr1) * (1.0 + jnp.cos(jnp.pi * frac))
+        return update_all(params, opt_state, state.x, state.x0, xi, lr_image, lr)
 
       def inner(c, j):
         # The scan is as long as the longest step; later steps skip the surplus
@@ -163,7 +226,8 @@ class Phase2:
         c = jax.lax.cond(j < n, iteration, lambda c, j: c, c, j)
         return c, None
 
-      dummy = (jnp.zeros(()), (state.x, state.x0, jnp.zeros(()), jnp.zeros(()), jnp.zeros(())))
+      zero = jnp.zeros(state.x.shape[:-3])  # () or (N,)
+      dummy = (zero, (state.x, state.x0, zero, zero, zero))
       (params, opt_state, (loss, (x_s, b, ca, cb, com))), _ = jax.lax.scan(
           inner, (state.params, state.opt_state, dummy), jnp.arange(max(n_first, n_iter)))
       new = Phase2State(i + 1, params, opt_state, x_s, b)
@@ -177,5 +241,7 @@ class Phase2:
     return chunk
 
   def result(self, state):
-    """(HR image in [−1, 1], kernel) from a finished state."""
+    """(HR image in [−1, 1], kernel) from a finished state (DIP: the U-Net's output)."""
+    if self.dip:
+      return jax.jit(self.unet_apply)(state.params, state.x0), self.kernel(state.params)
     return state.x0, self.kernel(state.params)

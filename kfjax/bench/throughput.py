@@ -1,0 +1,421 @@
+r"""Throughput benchmark: Phase 1 steps, Phase 2 iterations, scaling, vmapped images.
+
+    python -m kfjax.bench.throughput --preset cpu            # everything, cpu preset shapes
+    python -m kfjax.bench.throughput --preset paper --what phase1,phase2 --steps 2 --iters 2
+    python -m kfjax.bench.throughput --json                   # one JSON document on stdout
+
+What is measured (``--what``, comma-separated):
+
+* ``phase1``: one PD optimiser step at batch ``--batch`` and crop ``--crop`` (the preset's
+  by default), inside the compiled multi-step chunk that training uses: seconds per step,
+  steps/s, compile time apart, achieved FLOP/s and its fraction of the matmul peak
+  measured in the same run (a large float32 ``jnp.dot``).
+* ``phase2``: one inner iteration of Phase 2 (U-Net twice, posterior step, PD, kernel
+  INR, losses, forward + backward + Adam) at HR size ``--hr_size``, compiled as the real
+  sampler compiles it (one reverse step of ``--iters`` iterations), and the whole reverse
+  process of one image (``n_iter_first + (num_steps-1)·n_iter`` iterations; estimated from
+  the per-iteration time, measured with ``--full_reverse``); memory of the compiled program.
+* ``scaling``: the Phase 2 iteration against HR size (``--sizes``), with whole-image PD
+  and with PD applied to ``--pd_tile`` tiles, ``--pd_tile_batch`` at a time
+  (rematerialised per tile batch, so PD's memory does not grow with the image).
+* ``batch``: images/hour against the number of same-size images vmapped through Phase 2
+  together (``--images``), ``Phase2.make_chunk(steps, batch=N)``.
+
+With ``--torch`` (default when ``torch`` is importable) Phase 1 and Phase 2 are also
+timed with :mod:`kfjax.bench.torch_ref`, the same architectures and step in PyTorch eager,
+and reported as the speed ratio kfjax / PyTorch (> 1: kfjax is faster).
+
+FLOPs are counted analytically (:func:`pd_flops`): a convolution producing an
+``H_out × W_out × C_out`` map from ``C_in`` channels with a ``K × K`` kernel costs
+``2·H_out·W_out·K²·C_in·C_out`` FLOPs forward, and forward + backward (input and weight
+gradients) three times that. Biases, activations and the optimiser are not counted.
+The count is cross-checked against XLA's ``compiled.cost_analysis()`` of one step.
+"""
+
+import json
+import resource
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kfjax import config as config_lib
+from kfjax import sampler
+from kfjax import train_pd
+from kfjax.models import pd as pd_lib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("preset", "cpu", ["cpu", "paper", "smoke"], "Configuration preset whose shapes are measured.")
+flags.DEFINE_list("what", ["phase1", "phase2", "scaling", "batch"], "Measurements to run.")
+flags.DEFINE_integer("batch", 0, "Phase 1 crops per step (0: the preset's).")
+flags.DEFINE_integer("crop", 0, "Phase 1 crop size (0: the preset's).")
+flags.DEFINE_integer("steps", 10, "Phase 1 steps per timed chunk.")
+flags.DEFINE_integer("hr_size", 256, "Phase 2 HR image side (square).")
+flags.DEFINE_integer("scale", 0, "SR scale (0: the preset's).")
+flags.DEFINE_integer("iters", 10, "Phase 2 inner iterations per timed program.")
+flags.DEFINE_integer("repeats", 3, "Timed repetitions (the median is reported).")
+flags.DEFINE_bool("full_reverse", False, "Also run and time the whole reverse process of one image.")
+flags.DEFINE_list("sizes", ["128", "256", "512", "1024"], "HR sides for the scaling table.")
+flags.DEFINE_integer("pd_tile", 64, "PD tile size for the tiled column of the scaling table.")
+flags.DEFINE_integer("pd_tile_batch", 4, "PD tiles per batch in the tiled column.")
+flags.DEFINE_integer("scaling_iters", 2, "Phase 2 iterations per timed program in the scaling table.")
+flags.DEFINE_list("images", ["1", "2", "4"], "Numbers of images vmapped through Phase 2 together.")
+flags.DEFINE_bool("torch", True, "Time the PyTorch eager reference too (skipped if torch is absent).")
+flags.DEFINE_integer("peak_size", 2048, "Matrix side for the matmul-peak measurement.")
+flags.DEFINE_bool("json", False, "Print one JSON document instead of tables.")
+
+CHANNELS = 3
+
+
+# -- measuring ------------------------------------------------------------------------------
+
+def median_time(fn, repeats):
+  """Median wall time of ``repeats`` calls of ``fn`` (which must block until done)."""
+  times = []
+  for _ in range(max(1, repeats)):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def compile_timed(jitted, *args):
+  """(compiled executable, seconds to lower + compile)."""
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def memory_bytes(compiled):
+  """Bytes the compiled program needs (arguments + outputs + temporaries), or None."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 - backends without it raise various errors
+    return None
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
+def peak_rss_bytes():
+  """Peak resident set size of this process so far (Linux reports KiB)."""
+  return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def xla_flops(compiled):
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def matmul_peak(size, repeats=5):
+  """Measured float32 matmul FLOP/s: the best of ``repeats`` ``size²`` products."""
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = min(median_time(lambda: f(a).block_until_ready(), 1) for _ in range(repeats))
+  return 2.0 * size ** 3 / best
+
+
+# -- FLOP counting ---------------------------------------------------------------------------
+
+def conv_flops(h_out, w_out, k, c_in, c_out):
+  """Forward FLOPs of one convolution: 2·H_out·W_out·K²·C_in·C_out."""
+  return 2 * h_out * w_out * k * k * c_in * c_out
+
+
+def pd_flops(cfg, crop, channels=CHANNELS):
+  """Forward convolution FLOPs of PD on one ``crop × crop`` output (input crop + 14)."""
+  c = cfg.pd.channels
+  size = crop + 2 * pd_lib.HALO
+  total = conv_flops(size - 2, size - 2, 3, channels, c)
+  size -= 2
+  total += conv_flops(size - 2, size - 2, 3, c, c)
+  size -= 2
+  for _ in range(cfg.pd.num_blocks):
+    size -= 2
+    total += conv_flops(size, size, 3, c, c) + conv_flops(size, size, 1, c, c)
+  return total + conv_flops(size, size, 1, c, channels)
+
+
+# -- Phase 1 ----------------------------------------------------------------------------------
+
+def _image(size, seed=0):
+  return np.random.default_rng(seed).uniform(-1, 1, (size, size, CHANNELS)).astype(np.float32)
+
+
+def phase1_config(preset):
+  cfg = config_lib.preset(preset)
+  if FLAGS.batch:
+    cfg.train.batch_size = FLAGS.batch
+  if FLAGS.crop:
+    cfg.train.crop_size = FLAGS.crop
+  return cfg
+
+
+def bench_phase1_jax(cfg, steps, repeats, peak):
+  """Seconds per PD step inside the compiled ``steps``-step chunk, and FLOP counts."""
+  crop, batch = int(cfg.train.crop_size), int(cfg.train.batch_size)
+  image = _image(max(2 * crop, 64))
+  model = train_pd.make_model(cfg, CHANNELS)
+  sched = train_pd.make_schedule(cfg)
+  tx = train_pd.make_optimizer(cfg)
+  state = jax.jit(lambda k: train_pd.init_state(cfg, model, tx, image.shape, k))(jax.random.key(0))
+  chunk, compile_s = compile_timed(train_pd.make_train_chunk(cfg, model, sched, tx, image, steps),
+                                   state)
+  holder = {"state": chunk(state)[0]}
+  jax.block_until_ready(holder["state"])
+
+  def run():
+    holder["state"], losses = chunk(holder["state"])
+    jax.block_until_ready(losses)
+  per_step = median_time(run, repeats) / steps
+  flops = 3 * batch * pd_flops(cfg, crop)
+  # XLA's own count of one step (forward + backward), outside the scan.
+  size = crop + 2 * pd_lib.HALO
+  x = jnp.zeros((batch, size, size, CHANNELS))
+  t = jnp.ones((batch,), jnp.int32)
+  grad = jax.jit(jax.grad(lambda p: train_pd.loss_fn(model, sched, p, x, t, x)))
+  xla = xla_flops(grad.lower(state.params).compile())
+  return dict(batch=batch, crop=crop, compile_s=compile_s, step_s=per_step, steps_per_s=1 / per_step,
+              flops_per_step=flops, xla_flops_per_step=xla, flop_s=flops / per_step,
+              peak_fraction=flops / per_step / peak)
+
+
+def bench_phase1_torch(cfg, steps, repeats):
+  import torch  # noqa: F401 - optional dependency
+  from kfjax.bench import torch_ref
+  crop, batch = int(cfg.train.crop_size), int(cfg.train.batch_size)
+  torch.manual_seed(0)
+  model = torch_ref.pd_from_config(cfg, CHANNELS).to(memory_format=torch.channels_last)
+  step = torch_ref.Phase1Step(model, train_pd.make_schedule(cfg), _image(max(2 * crop, 64)), batch,
+                              crop, cfg.train.lr, cfg.train.lr_end, cfg.train.steps)
+  step()
+
+  def run():
+    for _ in range(steps):
+      step()
+  return dict(step_s=median_time(run, repeats) / steps)
+
+
+# -- Phase 2 ----------------------------------------------------------------------------------
+
+def phase2_config(preset, iters, pd_tile=0):
+  """The preset with ``iters`` iterations in every reverse step (one step is timed)."""
+  cfg = config_lib.preset(preset)
+  if FLAGS.scale:
+    cfg.scale = FLAGS.scale
+  cfg.sample.n_iter_first = cfg.sample.n_iter = iters
+  cfg.sample.pd_tile = pd_tile
+  cfg.sample.pd_tile_batch = FLAGS.pd_tile_batch if pd_tile else 0
+  return cfg
+
+
+def reverse_iterations(preset):
+  s = config_lib.preset(preset).sample
+  return int(s.n_iter_first) + (int(s.num_steps) - 1) * int(s.n_iter)
+
+
+def _phase2_setup(cfg, hr_size, images=None):
+  scale = int(cfg.scale)
+  lr_side = hr_size // scale
+  model = train_pd.make_model(cfg, CHANNELS)
+  sched = train_pd.make_schedule(cfg)
+  pd_params = jax.jit(lambda k: model.init(k, jnp.zeros((1, 16, 16, CHANNELS)), jnp.ones((1,))))(
+      jax.random.key(1))
+  p2 = sampler.Phase2(cfg, model, pd_params, sched, (lr_side, lr_side, CHANNELS), scale)
+  if images is None:
+    lr = jnp.asarray(_image(lr_side, 2))
+    state = jax.jit(p2.init)(lr, jax.random.key(3))
+    rng = jax.random.key(4)
+  else:
+    lr = jnp.asarray(np.stack([_image(lr_side, 2 + i) for i in range(images)]))
+    state = jax.jit(p2.init_batch)(lr, jax.random.split(jax.random.key(3), images))
+    rng = jax.random.split(jax.random.key(4), images)
+  return p2, state, lr, rng
+
+
+def bench_phase2_jax(cfg, hr_size, iters, repeats, images=None):
+  """Seconds per inner iteration: one reverse step of ``iters`` iterations, compiled."""
+  p2, state, lr, rng = _phase2_setup(cfg, hr_size, images)
+  chunk, compile_s = compile_timed(p2.make_chunk(1, batch=images), state, lr, rng)
+  jax.block_until_ready(chunk(state, lr, rng))
+
+  def run():
+    jax.block_until_ready(chunk(state, lr, rng))
+  per_iter = median_time(run, repeats) / iters
+  return dict(hr_size=hr_size, images=images or 1, compile_s=compile_s, iter_s=per_iter,
+              memory_bytes=memory_bytes(chunk), peak_rss_bytes=peak_rss_bytes())
+
+
+def bench_full_reverse(preset, hr_size):
+  """Wall time of the whole reverse process of one image, one compiled program."""
+  cfg = config_lib.preset(preset)
+  if FLAGS.scale:
+    cfg.scale = FLAGS.scale
+  p2, state, lr, rng = _phase2_setup(cfg, hr_size)
+  chunk, compile_s = compile_timed(p2.make_chunk(p2.num_steps), state, lr, rng)
+  t0 = time.perf_counter()
+  jax.block_until_ready(chunk(state, lr, rng))
+  return dict(compile_s=compile_s, seconds=time.perf_counter() - t0)
+
+
+def bench_phase2_torch(cfg, hr_size, iters, repeats):
+  import torch
+  from kfjax.bench import torch_ref
+  scale = int(cfg.scale)
+  lr_side = hr_size // scale
+  torch.manual_seed(0)
+  cl = torch.channels_last
+  pd = torch_ref.pd_from_config(cfg, CHANNELS).to(memory_format=cl)
+  unet = torch_ref.unet_from_config(cfg, CHANNELS).to(memory_format=cl)
+  kernel = torch_ref.siren_from_config(cfg, sampler.kernel_size(cfg, scale))
+  rng = np.random.default_rng(0)
+  shape = (1, CHANNELS, hr_size, hr_size)
+  ts = sampler.timesteps(cfg)
+  it = torch_ref.Phase2Iteration(unet, kernel, pd, train_pd.make_schedule(cfg),
+                                 rng.uniform(-1, 1, shape), rng.uniform(-1, 1, shape),
+                                 rng.normal(size=shape), rng.uniform(-1, 1, (1, CHANNELS, lr_side, lr_side)),
+                                 ts[0], ts[1], scale, float(cfg.sample.com_weight))
+  it()
+
+  def run():
+    for _ in range(iters):
+      it()
+  return dict(iter_s=median_time(run, repeats) / iters)
+
+
+# -- driver -----------------------------------------------------------------------------------
+
+def have_torch():
+  try:
+    import torch  # noqa: F401
+    return True
+  except ImportError:
+    return False
+
+
+def _log(msg):
+  print(f"throughput: {msg}", file=sys.stderr, flush=True)
+
+
+def run_all(preset, what, use_torch):
+  """Every requested measurement, as one dict (progress on stderr)."""
+  out = {"preset": preset, "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+         "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), "torch": None}
+  if use_torch:
+    import torch
+    out["torch"] = torch.__version__
+    out["torch_threads"] = torch.get_num_threads()
+  peak = matmul_peak(FLAGS.peak_size)
+  out["matmul_peak_flop_s"] = peak
+  if "phase1" in what:
+    _log("phase 1")
+    cfg = phase1_config(preset)
+    r = bench_phase1_jax(cfg, FLAGS.steps, FLAGS.repeats, peak)
+    if use_torch:
+      r["torch"] = bench_phase1_torch(cfg, FLAGS.steps, FLAGS.repeats)
+      r["speed_vs_torch"] = r["torch"]["step_s"] / r["step_s"]
+    out["phase1"] = r
+  if "phase2" in what:
+    _log("phase 2")
+    cfg = phase2_config(preset, FLAGS.iters)
+    r = bench_phase2_jax(cfg, FLAGS.hr_size, FLAGS.iters, FLAGS.repeats)
+    r["reverse_iterations"] = reverse_iterations(preset)
+    r["reverse_estimate_s"] = r["reverse_iterations"] * r["iter_s"]
+    if FLAGS.full_reverse:
+      r["reverse"] = bench_full_reverse(preset, FLAGS.hr_size)
+    if use_torch:
+      r["torch"] = bench_phase2_torch(cfg, FLAGS.hr_size, FLAGS.iters, FLAGS.repeats)
+      r["speed_vs_torch"] = r["torch"]["iter_s"] / r["iter_s"]
+    out["phase2"] = r
+  if "scaling" in what:
+    rows = []
+    for size in [int(s) for s in FLAGS.sizes]:
+      for tile in (0, FLAGS.pd_tile) if FLAGS.pd_tile else (0,):
+        _log(f"scaling: HR {size}, PD tile {tile or 'none'}")
+        cfg = phase2_config(preset, FLAGS.scaling_iters, tile)
+        r = bench_phase2_jax(cfg, size, FLAGS.scaling_iters, 1)
+        rows.append(dict(r, pd_tile=tile))
+    out["scaling"] = rows
+  if "batch" in what:
+    rows = []
+    total = reverse_iterations(preset)
+    for n in [int(s) for s in FLAGS.images]:
+      _log(f"{n} images vmapped")
+      cfg = phase2_config(preset, FLAGS.iters)
+      r = bench_phase2_jax(cfg, FLAGS.hr_size, FLAGS.iters, FLAGS.repeats, images=n)
+      r["images_per_hour"] = 3600.0 * n / (total * r["iter_s"])
+      rows.append(r)
+    out["batch"] = rows
+  return out
+
+
+def _mb(b):
+  return "n/a" if b is None else f"{b / 2 ** 20:.0f} MiB"
+
+
+def format_tables(r):
+  """Markdown tables of a :func:`run_all` result."""
+  lines = [f"preset `{r['preset']}`, {r['device']}, jax {r['jax']}, torch {r['torch']}, {r['date']}",
+           f"matmul peak (float32 {FLAGS.peak_size}² jnp.dot): {r['matmul_peak_flop_s'] / 1e9:.1f} GFLOP/s", ""]
+  if "phase1" in r:
+    p = r["phase1"]
+    xla = "n/a" if p["xla_flops_per_step"] is None else f"{p['xla_flops_per_step'] / 1e9:.1f}"
+    lines += ["| Phase 1 | B | P | compile s | s/step | steps/s | GFLOP/step (XLA) | GFLOP/s | % peak | torch s/step | kfjax/torch |",
+              "|---|---|---|---|---|---|---|---|---|---|---|",
+              f"| PD step | {p['batch']} | {p['crop']} | {p['compile_s']:.1f} | {p['step_s']:.4f} | "
+              f"{p['steps_per_s']:.2f} | {p['flops_per_step'] / 1e9:.1f} ({xla}) | {p['flop_s'] / 1e9:.1f} | "
+              f"{100 * p['peak_fraction']:.0f} | {p['torch']['step_s'] if 'torch' in p else float('nan'):.4f} | "
+              f"{p.get('speed_vs_torch', float('nan')):.2f}× |", ""]
+  if "phase2" in r:
+    p = r["phase2"]
+    full = f"{p['reverse']['seconds']:.1f}" if "reverse" in p else "—"
+    lines += ["| Phase 2 | HR | compile s | s/iteration | reverse process s (est. / measured) | memory | torch s/iter | kfjax/torch |",
+              "|---|---|---|---|---|---|---|---|",
+              f"| inner iteration | {p['hr_size']}² | {p['compile_s']:.1f} | {p['iter_s']:.4f} | "
+              f"{p['reverse_estimate_s']:.1f} ({p['reverse_iterations']} it.) / {full} | {_mb(p['memory_bytes'])} | "
+              f"{p['torch']['iter_s'] if 'torch' in p else float('nan'):.4f} | {p.get('speed_vs_torch', float('nan')):.2f}× |", ""]
+  if "scaling" in r:
+    lines += ["| HR size | PD | s/iteration | compiled memory | peak RSS so far |", "|---|---|---|---|---|"]
+    for row in r["scaling"]:
+      pd = f"tiles {row['pd_tile']}²" if row["pd_tile"] else "whole image"
+      lines.append(f"| {row['hr_size']}² | {pd} | {row['iter_s']:.4f} | {_mb(row['memory_bytes'])} | "
+                   f"{_mb(row['peak_rss_bytes'])} |")
+    lines.append("")
+  if "batch" in r:
+    lines += ["| images vmapped | HR | s/iteration (all images) | images/hour | compiled memory |",
+              "|---|---|---|---|---|"]
+    for row in r["batch"]:
+      lines.append(f"| {row['images']} | {row['hr_size']}² | {row['iter_s']:.4f} | "
+                   f"{row['images_per_hour']:.1f} | {_mb(row['memory_bytes'])} |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def parse_for_tests(argv):
+  """Parse ``argv`` (flag strings) into FLAGS without running ``main``, for tests."""
+  FLAGS.unparse_flags()
+  FLAGS(["throughput"] + list(argv))
+
+
+def main(argv):
+  del argv
+  use_torch = FLAGS.torch and have_torch()
+  if FLAGS.torch and not use_torch:
+    print("torch is not installed (pip install -e '.[bench]'): no PyTorch reference", file=sys.stderr)
+  result = run_all(FLAGS.preset, set(FLAGS.what), use_torch)
+  print(json.dumps(result, indent=2) if FLAGS.json else format_tables(result))
+
+
+if __name__ == "__main__":
+  app.run(main)
