@@ -6,8 +6,9 @@ recovered. Smaller networks (32-channel PD trained 1000 steps on batches of 8 32
 
     python -m kfjax.main --image x.png --scale 2 --config configs/cpu.py
 
-Measured (2-core CPU, jax 0.10.2, examples/chelsea_x2_lr.png, 128×128 RGB at ×2): 8 min 55 s
-wall, Phase 1 157 s, Phase 2 375 s. Quality at this budget is below bicubic (README, Evidence).
+Measured (2-core CPU, jax 0.10.2, examples/chelsea_x2_lr.png, 128×128 RGB at ×2, nothing else
+running): 6 min 11 s wall, Phase 1 42 s, Phase 2 326 s, 1.5 GB peak RSS. Quality at this
+budget is below bicubic (README, BENCHMARKS.md).
 """
 
 from kfjax import config
