@@ -54,6 +54,7 @@ import optax
 import tqdm
 
 from kfjax import ops
+from kfjax import pipeline
 from kfjax import resize
 from kfjax.errors import KfjaxError
 from kfjax.models import kernel_net
@@ -297,11 +298,6 @@ class KernelGAN:
     return chunk
 
 
-def _chunk_size(total, wanted):
-  wanted = max(1, min(wanted, total))
-  return max(d for d in range(1, wanted + 1) if total % d == 0)
-
-
 def train(cfg, lr_image, scale_g, show_progress=True):
   """Train KernelGAN on ``lr_image`` (h, w, C) in [0, 1] at ×``scale_g``.
 
@@ -314,7 +310,7 @@ def train(cfg, lr_image, scale_g, show_progress=True):
   pg, (_, gw_g) = crop_probabilities(img, model.crop_g)
   pd, (_, gw_d) = crop_probabilities(img, model.crop_d)
   total = int(kc.iterations)
-  n = _chunk_size(total, int(kc.steps_per_chunk))
+  n = pipeline.chunk_size(total, int(kc.steps_per_chunk))
   chunk = model.make_chunk(n)
   rng = jax.random.key(cfg.seed + 8)
   bar = tqdm.tqdm(total=total, desc="KernelGAN", unit="it", disable=not show_progress,

@@ -117,7 +117,7 @@ def _ablation_checks(cfg):
   ]
 
 
-def _chunk_size(total, wanted):
+def chunk_size(total, wanted):
   """The largest divisor of ``total`` that is <= ``wanted`` (one compiled chunk length)."""
   wanted = max(1, min(wanted, total))
   return max(d for d in range(1, wanted + 1) if total % d == 0)
@@ -159,7 +159,7 @@ def train_phase1(cfg, lr_image, workdir=None, show_progress=True):
   if done >= total:
     return model, state.params, info
 
-  chunk_len = _chunk_size(total, int(cfg.train.steps_per_chunk))
+  chunk_len = chunk_size(total, int(cfg.train.steps_per_chunk))
   chunk = train_pd.make_train_chunk(cfg, model, sched, tx, lr_image, chunk_len)
   every = max(int(cfg.train.checkpoint_every), chunk_len)
   bar = tqdm.tqdm(total=total, initial=done, desc="phase 1 (patch diffusion)", unit="step",
@@ -218,7 +218,7 @@ def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, wor
       state = saver.restore(step, state)
       info["restored_step"] = int(step)
       log(f"resuming phase 2 from step {step}/{total}")
-  chunk_len = _chunk_size(total, int(cfg.sample.steps_per_chunk))
+  chunk_len = chunk_size(total, int(cfg.sample.steps_per_chunk))
   chunk = p2.make_chunk(chunk_len)
   done = int(state.step)
   bar = tqdm.tqdm(total=total, initial=done, desc=f"phase 2 ({mode} reverse diffusion)",

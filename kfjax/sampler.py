@@ -127,11 +127,15 @@ class Phase2:
     v = self.pd_apply(x_s, s)
     b = self.unet_apply(params, sch.x0_from_v(self.sched, x_s, s, v),
                         "unet2" if self.two_unets else "unet")
+    loss, cons_a, cons_b, com = self._loss(k, a, b, lr_image)
+    return loss, (x_s, b, cons_a, cons_b, com)
+
+  def _loss(self, k, a, b, lr_image):
+    """``mse(I_LR, (a*k)↓s) + mse(I_LR, (b*k)↓s) + λ_com·COM(k)`` and its three terms."""
     cons_a = jnp.mean((degrade.downscale(a, k, self.scale) - lr_image) ** 2)
     cons_b = jnp.mean((degrade.downscale(b, k, self.scale) - lr_image) ** 2)
     com = kernel_net.center_of_mass_loss(k)
-    loss = cons_a + cons_b + self.cfg.sample.com_weight * com
-    return loss, (x_s, b, cons_a, cons_b, com)
+    return cons_a + cons_b + self.cfg.sample.com_weight * com, cons_a, cons_b, com
 
   def _forward_dip(self, params, x, x0, lr_image):
     """Deep-Image-Prior ablation (``sample.prior = "dip"``): no noise, no PD.
@@ -145,10 +149,8 @@ class Phase2:
     """
     k = self.kernel(params)
     a = self.unet_apply(params, x0)
-    cons = jnp.mean((degrade.downscale(a, k, self.scale) - lr_image) ** 2)
-    com = kernel_net.center_of_mass_loss(k)
-    loss = 2.0 * cons + self.cfg.sample.com_weight * com
-    return loss, (x, x0, cons, cons, com)
+    loss, cons_a, cons_b, com = self._loss(k, a, a, lr_image)
+    return loss, (x, x0, cons_a, cons_b, com)
 
   # -- state ------------------------------------------------------------------
   def init(self, lr_image, rng):

@@ -233,7 +233,8 @@ def test_anisotropic_diffusion_keeps_edges_and_mean():
   pm = kernels.anisotropic_diffusion(noisy, iterations=20, kappa=0.1)
   heat = kernels.anisotropic_diffusion(noisy, iterations=20, kappa=1e6)
   assert abs(pm.mean() - noisy.mean()) < 1e-12       # zero-flux borders conserve mass
-  assert pm[:, 15:17].std() > 0.45 > heat[:, 15:17].std() - 0.1   # the edge stays sharp
+  assert pm[:, 15:17].std() > 0.45      # Perona-Malik keeps the edge sharp ...
+  assert heat[:, 15:17].std() < 0.2      # ... where linear diffusion blurs it
   assert np.std(pm[:, :12] - 0) < np.std(noisy[:, :12])            # flat part smoothed
   with pytest.raises(ValueError):
     kernels.anisotropic_diffusion(img, 1, 0.1, step=0.3)
