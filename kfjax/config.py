@@ -38,6 +38,12 @@ def base_config():
       width=256, depth=5, omega=5.0,   # SIREN ("inr")
       cnn_sizes=(),         # "linear_cnn" layer sizes, last one strided; (): [7,7,5,3,1,4] at ×4
       cnn_channels=32,      # "linear_cnn" hidden channels (appendix C.1: 32)
+      # How the INR starts: "default" (as initialised: an almost uniform K×K box, the
+      # paper's setup) or "gaussian" (fitted to an isotropic Gaussian of std
+      # init_sigma × scale HR pixels in init_steps Adam steps before Phase 2).
+      init="default",
+      init_sigma=0.5,
+      init_steps=500,
   ))
   cfg.sample = ml_collections.ConfigDict(dict(
       t_start=200,          # first noise level (unofficial port: 200)
@@ -48,6 +54,7 @@ def base_config():
       lr=1e-4,
       lr_end=1e-5,
       com_weight=1e-2,      # centre-of-mass weight (not published)
+      sparsity_weight=0.0,  # λ_sp·mean((|k|+ε)^0.2), KernelGAN's sparsity prior (0: off, paper)
       steps_per_chunk=20,   # reverse steps per dispatch (progress/checkpoint granularity)
       pd_tile=0,            # 0: PD on the whole image; N: N×N tiles (+7 px halo)
       pd_tile_batch=0,      # tiles per vmapped batch (0: all at once)

@@ -9,7 +9,7 @@ within the step, Adam moments carried across steps) minimise::
     a   = R(x0)                                   # U-Net, first application
     x_s = posterior(a, x; ts[i] → ts[i+1]) + σ·ξ  # DDPM step, differentiable in R
     b   = R(x0_from_v(x_s, PD(x_s, ts[i+1])))     # PD denoises, same U-Net again
-    L   = mse(I_LR, (a*k)↓s) + mse(I_LR, (b*k)↓s) + λ_com·COM(k)
+    L   = mse(I_LR, (a*k)↓s) + mse(I_LR, (b*k)↓s) + λ_com·COM(k) [+ λ_sp·S(k)]
 
 then ``x0 ← b`` and ``x ← x_s`` (both from the last iteration). The result is the
 final ``b`` and the kernel. The inner loop is a ``lax.scan`` as long as the longest step
@@ -135,7 +135,11 @@ class Phase2:
     cons_a = jnp.mean((degrade.downscale(a, k, self.scale) - lr_image) ** 2)
     cons_b = jnp.mean((degrade.downscale(b, k, self.scale) - lr_image) ** 2)
     com = kernel_net.center_of_mass_loss(k)
-    return cons_a + cons_b + self.cfg.sample.com_weight * com, cons_a, cons_b, com
+    loss = cons_a + cons_b + self.cfg.sample.com_weight * com
+    sparsity = float(self.cfg.sample.get("sparsity_weight", 0.0))
+    if sparsity and self.fixed_kernel is None:
+      loss = loss + sparsity * kernel_net.sparsity_loss(k)
+    return loss, cons_a, cons_b, com
 
   def _forward_dip(self, params, x, x0, lr_image):
     """Deep-Image-Prior ablation (``sample.prior = "dip"``): no noise, no PD.
@@ -166,7 +170,8 @@ class Phase2:
     if self.two_unets and not self.dip:
       params["unet2"] = self.unet.init(jax.random.fold_in(k_unet, 1), x0[None])
     if self.fixed_kernel is None:
-      params["kernel"] = self.kernel_net.init(k_kern)
+      params["kernel"] = kernel_net.initial_params(self.kernel_net, self.cfg.kernel, self.scale,
+                                                   k_kern)
     if self.dip:
       if self.dip_input == "noise":
         x0 = jax.random.uniform(k_noise, x0.shape, jnp.float32, -0.1, 0.1)

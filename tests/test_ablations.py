@@ -29,6 +29,8 @@ OPTIONS = {
     "linear_cnn": {"kernel.net": "linear_cnn"},
     "two_unets": {"sample.two_unets": True},
     "dip": {"sample.prior": "dip"},
+    "inr_gaussian_init": {"kernel.init": "gaussian", "kernel.init_steps": 20},
+    "sparsity": {"sample.sparsity_weight": 0.5},
 }
 
 
@@ -132,13 +134,20 @@ def test_option_specifics(option_run):
     assert any(np.abs(np.asarray(x) - np.asarray(y)).max() > 0 for x, y in zip(a, b))
   else:
     assert set(init.params) == {"unet", "kernel"}
+  if name == "sparsity":
+    # The sparsity term is in the loss: loss − (cons_a + cons_b + λ_com·COM) = λ_sp·S(k),
+    # and S(k) = mean((|k| + ε)^0.2) is at most (1/K²)^0.2 for a kernel summing to 1 (the
+    # uniform kernel, by concavity), so 0 < extra ≤ λ_sp·(K²)^-0.2 (λ_sp = 0.5).
+    extra = m.loss - (m.cons_a + m.cons_b + w * m.com)
+    k2 = sampler.kernel_size(r["cfg"], SCALE) ** 2
+    assert np.all(extra > 0) and np.all(extra <= 0.5 * k2 ** -0.2 * 1.001)
   if name == "dip":
     # The network input is fixed (bicubic upscale); the loss counts it twice (a = b).
     np.testing.assert_array_equal(np.asarray(state.x0), np.asarray(init.x0))
     np.testing.assert_array_equal(m.cons_a, m.cons_b)
     np.testing.assert_allclose(m.loss, 2 * m.cons_a + w * m.com, rtol=1e-5, atol=1e-7)
     assert not np.array_equal(r["hr"], np.asarray(state.x0))  # result is R(x0)
-  else:
+  elif name != "sparsity":
     np.testing.assert_allclose(m.loss, m.cons_a + m.cons_b + w * m.com, rtol=1e-5, atol=1e-7)
 
 
@@ -241,6 +250,9 @@ def test_linear_cnn_starts_as_area_averaging():
     ({"sample.prior": "dip", "sample.two_unets": True}, "two_unets"),
     ({"kernel.net": "linear_cnn", "kernel.cnn_sizes": (9, 9, 2)}, "cnn_sizes"),
     ({"kernelgan.iterations": 0}, "kernelgan.iterations"),
+    ({"kernel.init": "box"}, "kernel.init"),
+    ({"sample.sparsity_weight": -1.0}, "sparsity_weight"),
+    ({"kernel.init": "gaussian", "kernel.init_sigma": 0.0}, "init_sigma"),
 ])
 def test_bad_option_values_are_refused(overrides, needle):
   with pytest.raises(KfjaxError, match=needle) as e:

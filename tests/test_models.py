@@ -307,3 +307,78 @@ def test_unet_bilinear_upsampling_matches_scikit_image():
   want = skimage.transform.resize(x[0].astype(np.float64), (10, 14, 3), order=1, mode="edge",
                                   anti_aliasing=False)
   np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+# -- kernel.init = "gaussian": the INR starts from a Gaussian ---------------------------------
+
+@pytest.fixture(scope="module")
+def inr_inits():
+  """A default-initialised SIREN and the same one fitted to a Gaussian (K = 12, ×2)."""
+  import ml_collections
+  kcfg = ml_collections.ConfigDict(dict(net="inr", width=32, depth=3, omega=5.0, init="gaussian",
+                                        init_sigma=0.5, init_steps=400))
+  net = kernel_net.make(kcfg, 12, 2)
+  fitted = jax.jit(lambda k: net.apply(kernel_net.initial_params(net, kcfg, 2, k)))(_key(3))
+  default = jax.jit(lambda k: net.apply(net.init(k)))(_key(3))
+  return np.asarray(default, np.float64), np.asarray(fitted, np.float64)
+
+
+def test_default_siren_starts_almost_uniform(inr_inits):
+  default, _ = inr_inits
+  # Why the option exists: the paper's INR starts as a near-uniform K×K box.
+  assert default.max() / default.min() < 2.0
+
+
+def test_gaussian_init_fits_the_gaussian(inr_inits):
+  _, k = inr_inits
+  # Independent target: a normalised isotropic Gaussian of std 0.5 × 2 = 1 HR pixel,
+  # centred on the grid centre 5.5.
+  g = _gauss(12, 5.5, 5.5, sigma=1.0).astype(np.float64)
+  assert abs(k.sum() - 1.0) < 1e-5
+  ncc = (k * g).sum() / np.sqrt((k * k).sum() * (g * g).sum())
+  assert ncc > 0.999
+  assert np.abs(k - g).max() < 0.05 * g.max()
+  cy, cx = map(float, kernel_net.center_of_mass(jnp.asarray(k)))
+  assert abs(cy) < 0.05 and abs(cx) < 0.05
+
+
+def test_fit_kernel_reaches_an_off_centre_target():
+  net = kernel_net.SirenKernel(size=8, width=32, depth=3, omega=5.0)
+  target = _gauss(8, 2.0, 5.0, sigma=0.9)
+  k = np.asarray(jax.jit(lambda p: net.apply(kernel_net.fit_kernel(net, p, target * 7.0, 400)))(
+      net.init(_key(4))))
+  ncc = (k * target).sum() / np.sqrt((k * k).sum() * (target * target).sum())
+  assert ncc > 0.995  # target rescaled by 7: fit_kernel normalises it
+  cy, cx = map(float, kernel_net.center_of_mass(jnp.asarray(k)))
+  r = np.arange(8) - 3.5  # the (truncated) target's own centre of mass, by NumPy
+  ty, tx = (target.sum(1) * r).sum() / target.sum(), (target.sum(0) * r).sum() / target.sum()
+  assert abs(cy - ty) < 0.1 and abs(cx - tx) < 0.1
+
+
+def test_kernel_init_only_changes_the_inr():
+  import ml_collections
+  for net_name in ("direct_relu", "linear_cnn"):
+    kcfg = ml_collections.ConfigDict(dict(net=net_name, width=8, depth=2, omega=5.0,
+                                          cnn_sizes=(), cnn_channels=4, init="gaussian",
+                                          init_sigma=0.5, init_steps=10))
+    net = kernel_net.make(kcfg, 12, 2)
+    a = kernel_net.initial_params(net, kcfg, 2, _key(5))
+    b = net.init(_key(5))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  kcfg = ml_collections.ConfigDict(dict(net="inr", width=8, depth=2, omega=5.0, init="box"))
+  with pytest.raises(ValueError, match="kernel.init"):
+    kernel_net.initial_params(kernel_net.make(kcfg, 12, 2), kcfg, 2, _key(5))
+
+
+def test_sparsity_loss_matches_numpy_and_prefers_sparse_kernels():
+  rng = np.random.default_rng(0)
+  k = rng.random((12, 12))
+  k /= k.sum()
+  got = float(kernel_net.sparsity_loss(jnp.asarray(k, jnp.float32)))
+  np.testing.assert_allclose(got, np.mean((np.abs(k) + 1e-8) ** 0.2), rtol=1e-5)
+  delta = np.zeros((12, 12))
+  delta[5, 5] = 1.0
+  uniform = np.full((12, 12), 1 / 144)
+  s = [float(kernel_net.sparsity_loss(jnp.asarray(x, jnp.float32))) for x in (delta, k, uniform)]
+  assert s[0] < s[1] < s[2]

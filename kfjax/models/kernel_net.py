@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from kfjax import degrade
 from kfjax import ops
@@ -75,6 +76,58 @@ def center_of_mass(kernel):
 def center_of_mass_loss(kernel):
   cy, cx = center_of_mass(kernel)
   return cy ** 2 + cx ** 2
+
+
+def fit_kernel(net, params, target, steps=500, lr=1e-3):
+  """``params`` moved by ``steps`` Adam steps so that ``net.apply(params)`` ≈ ``target``.
+
+  Minimises ``mean((K²·(k − target))²)`` (``target`` normalised to sum 1 first; the K²
+  makes entries O(1)). Pure and jit-able (a ``lax.scan``): used to start the SIREN from
+  a Gaussian instead of its near-uniform initial output (``kernel.init = "gaussian"``).
+  """
+  target = jnp.asarray(target, jnp.float32)
+  target = target / jnp.sum(target)
+  k2 = float(target.size)
+  tx = optax.adam(lr)
+
+  def loss(p):
+    return jnp.mean((k2 * (net.apply(p) - target)) ** 2)
+
+  def step(carry, _):
+    p, opt = carry
+    grads = jax.grad(loss)(p)
+    updates, opt = tx.update(grads, opt, p)
+    return (optax.apply_updates(p, updates), opt), None
+
+  (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), length=int(steps))
+  return params
+
+
+def initial_params(net, kcfg, scale, rng):
+  """Parameters the kernel net ``net`` (from :func:`make`) starts Phase 2 with.
+
+  ``kcfg.init = "gaussian"`` (SIREN only) fits the freshly initialised INR to an
+  isotropic Gaussian of std ``kcfg.init_sigma × scale`` HR pixels
+  (:func:`fit_kernel`, ``kcfg.init_steps`` Adam steps). A default-initialised SIREN
+  outputs an almost uniform K×K box (max/min ≈ 1.2-1.5: a blur far wider than any
+  plausible kernel), which Phase 2 must first unlearn. ``"default"``: as initialised
+  (the paper's setup). The direct kernels already start from a Gaussian of std ``s``,
+  the linear CNN from an ``s×s`` box; the field changes only the INR.
+  """
+  params = net.init(rng)
+  init = kcfg.get("init", "default")
+  if init == "default" or kcfg.get("net", "inr") != "inr":
+    return params
+  if init != "gaussian":
+    raise ValueError(f"unknown kernel.init {init!r}; choose default or gaussian")
+  target = gaussian_blob(net.size, float(kcfg.get("init_sigma", 0.5)) * float(scale))
+  return fit_kernel(net, params, target, int(kcfg.get("init_steps", 500)))
+
+
+def sparsity_loss(kernel, power=0.2, eps=1e-8):
+  """``mean((|k| + eps)^power)`` over the K×K taps (KernelGAN's sparsity prior, not in
+  KernelFusion): concave in each tap, so it pushes stray low-level mass to zero."""
+  return jnp.mean((jnp.abs(kernel) + eps) ** power)
 
 
 def export_kernel(kernel):
