@@ -140,6 +140,50 @@ def test_runner_records_resumes_and_survives_failures(fake_methods, smoke_cfg, t
   assert {os.path.basename(p) for p in paths} == {"report.md", "kernels.png", "crops.png"}
 
 
+def test_runner_seeds_repeat_rows_and_report_the_spread(smoke_cfg, tmp_path):
+  seen = []
+
+  def seeded(case, cfg, workdir):
+    seen.append((int(cfg.seed), os.path.basename(workdir)))
+    off = 0.01 * (int(cfg.seed) + 1)
+    return methods.Result(sr=0.9 * case.hr + off, kernel=case.kernel, seconds=1.0)
+
+  methods.register("test_seeded")(seeded)
+  try:
+    wd = str(tmp_path)
+    specs = suites.suite("tiny")
+    rows = runner.run(specs, ["test_seeded"], smoke_cfg, wd, border=2, show_progress=False,
+                      seeds=[3, 5])
+    runner.run(specs, ["test_seeded"], smoke_cfg, wd, border=2, show_progress=False,
+               seeds=[3, 5])  # resumed: nothing runs again
+  finally:
+    del methods.METHODS["test_seeded"]
+  n = len(specs)
+  assert len(seen) == 2 * n and len(rows) == 2 * n
+  assert sorted(set(seen)) == [(3, "test_seeded"), (5, "test_seeded-seed5")]
+  assert sorted({r["seed"] for r in rows}) == ["3", "5"]
+  assert len({r["config"] for r in rows}) == 2            # the seed is in the fingerprint
+  for c in [s.name for s in specs]:
+    assert os.path.exists(os.path.join(wd, "runs", c, "test_seeded", "sr.png"))
+    assert os.path.exists(os.path.join(wd, "runs", c, "test_seeded-seed5", "sr.png"))
+  # The spread table: per-seed means over the cases and their sample sd, by NumPy.
+  per_seed = []
+  for seed in (3, 5):
+    ps = []
+    for spec in specs:
+      hr = suites.load_case(spec, os.path.join(wd, "cases")).hr.astype(np.float64)
+      d = (0.9 * hr + 0.01 * (seed + 1) - hr)[2:-2, 2:-2]
+      ps.append(10 * np.log10(1.0 / np.mean(d ** 2)))
+    per_seed.append(np.mean(ps))
+  md = report.markdown(rows, "t")
+  line = next(ln for ln in md.splitlines() if ln.startswith("| 2 | test_seeded | 3, 5 |"))
+  assert f"{per_seed[0]:.2f}, {per_seed[1]:.2f}" in line
+  assert f"{np.mean(per_seed):.2f} ± {np.std(per_seed, ddof=1):.2f}" in line
+  assert "## Spread over seeds" in md
+  assert "## Spread over seeds" not in report.markdown([r for r in rows if r["seed"] == "3"],
+                                                       "t")
+
+
 def test_with_overrides_copies_and_rejects_unknown(smoke_cfg):
   cfg = methods.with_overrides(smoke_cfg, {"kernel.width": 7})
   assert cfg.kernel.width == 7 and smoke_cfg.kernel.width != 7
@@ -184,7 +228,8 @@ def test_cli_lists_and_rejects_bad_input(tmp_path):
   for args, msg in [(["--suite", "nope"], "unknown suite"),
                     (["--methods", "bicubic,magic"], "unknown method"),
                     (["--scales", "3", "--suite", "tiny"], "no case"),
-                    (["--border", "-1"], "border")]:
+                    (["--border", "-1"], "border"),
+                    (["--seeds", "0,x", "--suite", "tiny"], "--seeds must be integers")]:
     out = _bench(*args, "--workdir", str(tmp_path))
     assert out.returncode == 2, (args, out.stderr)
     lines = out.stderr.strip().splitlines()

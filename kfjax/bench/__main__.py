@@ -8,6 +8,10 @@ overridable (``--config.train.steps=2000``); each row records the config's finge
 
     python -m kfjax.bench --suite mini --workdir bench/mini --config cpu
     python -m kfjax.bench --suite mini --scales 2 --methods bicubic,kernelfusion
+    python -m kfjax.bench --suite mini --scales 2 --methods kernelfusion --seeds 0,1,2
+
+Blind results on the CPU budget move by several dB with the seed alone, so ``--seeds``
+runs every row once per seed and the report gives each method's spread over seeds.
 """
 
 import shlex
@@ -32,6 +36,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", config_lib.preset_path("default"),
     "Preset file or name (paper, cpu, smoke); fields overridable as --config.<field>=<value>.",
     lock_config=False)
+_SEEDS = flags.DEFINE_list("seeds", [], "Run every row once per seed (sets config.seed); "
+                           "default: the config's seed only.")
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
 _LIST = flags.DEFINE_bool("list", False, "List the suite's cases and the methods, then exit.")
 
@@ -66,6 +72,10 @@ def main(argv):
     specs = [s for s in specs if any(c in s.name for c in _CASES.value)]
   if not specs:
     _fail("no case of the suite matches --scales/--cases")
+  try:
+    seeds = [int(s) for s in _SEEDS.value]
+  except ValueError:
+    _fail(f"--seeds must be integers, got {','.join(_SEEDS.value)}")
   if _LIST.value:
     print("\n".join(s.name for s in specs))
     print("methods:", ", ".join(methods.METHODS))
@@ -81,14 +91,14 @@ def main(argv):
         f"{','.join(_METHODS.value)} with preset '{cfg.name}' into {workdir}", flush=True)
   try:
     rows = runner.run(specs, _METHODS.value, cfg, workdir, border=_BORDER.value,
-                      show_progress=not _QUIET.value)
+                      show_progress=not _QUIET.value, seeds=seeds or None)
   except KfjaxError as e:
     _fail(str(e))
   except KeyboardInterrupt:
     _fail(f"interrupted; finished rows are in {workdir}/results.csv and are skipped on re-run")
   command = "python -m kfjax.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
   paths = report.write(rows, workdir, title=f"kfjax benchmark: suite {_SUITE.value}",
-                       command=command)
+                       command=command, figure_seed=seeds[0] if seeds else cfg.seed)
   failed = sum(r["status"] == "error" for r in rows)
   print(f"kfjax.bench: {len(rows)} rows ({failed} failed); report: {', '.join(paths)}")
   if failed:

@@ -1,7 +1,9 @@
 """The benchmark report: a Markdown table of means and figures, from the rows of a run.
 
 * ``report.md``: per scale and degradation family, the mean of every metric per method
-  (and the number of cases), then an overall mean per method, then one line per case.
+  (and the number of cases), then an overall mean per method, then (when the rows hold more
+  than one seed) each method's mean per seed and the spread over seeds, then one line per
+  case.
 * ``figures/kernels.png``: for every case with a true kernel, the true kernel beside each
   method's estimate (with its NCC).
 * ``figures/crops.png``: for the first few cases, the same crop of HR, LR (nearest
@@ -69,6 +71,38 @@ def case_table(rows):
   return "\n".join(lines)
 
 
+def _seed(r):
+  return str(r.get("seed") or "")
+
+
+def seed_table(rows):
+  """Per scale and method: the mean PSNR and kernel NCC over cases for each seed, and
+  their mean and sample standard deviation over seeds (cases every seed finished only)."""
+  head = ("| scale | method | seeds | cases | PSNR per seed | PSNR mean ± sd | "
+          "kernel NCC per seed | NCC mean ± sd |")
+  lines = [head, "|---|---|---|---|---|---|---|---|"]
+  for scale in dict.fromkeys(r["scale"] for r in rows):
+    sel = [r for r in rows if r["scale"] == scale and r["status"] == "ok"]
+    for m in _methods(sel):
+      rs = [r for r in sel if r["method"] == m]
+      seeds = sorted(dict.fromkeys(_seed(r) for r in rs), key=lambda x: (len(x), x))
+      cases = [c for c in dict.fromkeys(r["case"] for r in rs)
+               if all(any(r["case"] == c and _seed(r) == sd for r in rs) for sd in seeds)]
+      if len(seeds) < 2 or not cases:
+        continue
+      cells = []
+      for key, fmt in (("psnr", "{:.2f}"), ("kernel_ncc", "{:.3f}")):
+        per = [_mean([r for r in rs if _seed(r) == sd and r["case"] in cases], key)
+               for sd in seeds]
+        per_f = [v for v in per if np.isfinite(v)]
+        spread = (_cell(float(np.mean(per_f)), fmt) + " ± "
+                  + _cell(float(np.std(per_f, ddof=1)), fmt)) if len(per_f) > 1 else "–"
+        cells += [", ".join(_cell(v, fmt) for v in per), spread]
+      lines.append(f"| {scale} | {m} | {', '.join(seeds)} | {len(cases)} | "
+                   + " | ".join(cells) + " |")
+  return "\n".join(lines) if len(lines) > 2 else None
+
+
 def markdown(rows, title, command=None):
   parts = [f"# {title}", ""]
   if command:
@@ -80,8 +114,11 @@ def markdown(rows, title, command=None):
               ""]
   overall = [dict(r, all="all") for r in rows]
   parts += ["## Means per scale and degradation", "", summary_table(rows), "",
-            "## Means per scale", "", summary_table(overall, ("scale",)), "",
-            "## Every case", "", case_table(rows), ""]
+            "## Means per scale", "", summary_table(overall, ("scale",)), ""]
+  seeds = seed_table(rows)
+  if seeds:
+    parts += ["## Spread over seeds", "", seeds, ""]
+  parts += ["## Every case", "", case_table(rows), ""]
   return "\n".join(parts)
 
 
@@ -182,11 +219,15 @@ def _savefig(fig, path):
   os.replace(tmp, path)
 
 
-def write(rows, workdir, title="kfjax benchmark", command=None):
-  """Write ``report.md`` and the figures; returns their paths."""
+def write(rows, workdir, title="kfjax benchmark", command=None, figure_seed=None):
+  """Write ``report.md`` and the figures; returns their paths. The figures show the
+  outputs in ``runs/<case>/<method>/``, i.e. the rows of the config's own seed
+  (``figure_seed``; default: every row)."""
   md = os.path.join(workdir, "report.md")
   kio.save_text_atomic(md, markdown(rows, title, command))
-  figs = [kernels_figure(rows, workdir, os.path.join(workdir, "figures", "kernels.png")),
-          crops_figure(rows, workdir, os.path.join(workdir, "figures", "crops.png"))]
+  fig_rows = rows if figure_seed is None else [r for r in rows
+                                               if _seed(r) in ("", str(figure_seed))]
+  figs = [kernels_figure(fig_rows, workdir, os.path.join(workdir, "figures", "kernels.png")),
+          crops_figure(fig_rows, workdir, os.path.join(workdir, "figures", "crops.png"))]
   return [md] + [f for f in figs if f]
 

@@ -4,13 +4,17 @@ Layout of ``workdir``::
 
     cases/<case>/            cached LR, HR and true kernel (:func:`suites.load_case`)
     runs/<case>/pd-<fp>/     PD trained on the case's LR image, shared by its methods
-    runs/<case>/<method>/    sr.png, kernel.npy (if any) of that method
+    runs/<case>/<method>/    sr.png, kernel.npy (if any) of that method (with ``seeds``,
+                             of the first seed; the others in ``<method>-seed<N>/``)
     results.csv              every finished row (rewritten atomically after each row)
     errors.log               tracebacks of failed rows
     report.md, figures/      written by :mod:`kfjax.bench.report`
 
 A row is keyed by (case, method, config fingerprint): re-running skips rows that finished
 (``ok`` or ``n/a``), retries failed ones, and computes rows for a changed config anew.
+``seeds`` repeats every row with ``cfg.seed`` set to each seed (the seed is part of the
+fingerprint, and is recorded in its own column), so a method's spread over seeds can be
+reported beside its mean.
 """
 
 import csv
@@ -32,7 +36,7 @@ from kfjax.bench import suites
 
 FIELDS = ["case", "photo", "family", "scale", "method", "preset", "config", "status",
           "kernel_ncc", "kernel_psnr", "psnr", "y_psnr", "ssim", "shift_psnr", "seconds",
-          "device", "date", "error"]
+          "device", "date", "error", "seed"]
 DONE = ("ok", "n/a")
 
 
@@ -75,14 +79,20 @@ def _fmt(v):
   return f"{v:.6g}" if isinstance(v, float) else v
 
 
-def run_one(spec, method, cfg, workdir, border):
+def method_dir(method, seed=None):
+  """Folder name of a method's outputs under ``runs/<case>/``: ``<method>``, or
+  ``<method>-seed<N>`` for a seed other than a run's first."""
+  return method if seed is None else f"{method}-seed{seed}"
+
+
+def run_one(spec, method, cfg, workdir, border, out_name=None):
   """Run ``method`` on case ``spec``; returns the row (never raises, except on Ctrl-C)."""
   row = {"case": spec.name, "photo": spec.photo, "family": spec.family, "scale": spec.scale,
          "method": method, "preset": cfg.name, "config": methods_lib.fingerprint_of(cfg),
          "device": pipeline.device_description(),
          "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-         "error": ""}
-  out_dir = os.path.join(workdir, "runs", spec.name, method)
+         "error": "", "seed": int(cfg.seed)}
+  out_dir = os.path.join(workdir, "runs", spec.name, out_name or method)
   try:
     case = suites.load_case(spec, os.path.join(workdir, "cases"))
     fn = methods_lib.get(method)
@@ -106,27 +116,34 @@ def run_one(spec, method, cfg, workdir, border):
   return {k: str(row.get(k, "")) for k in FIELDS}  # as read back from the CSV
 
 
-def run(specs, method_names, cfg, workdir, border=8, show_progress=True, log=print):
-  """Run every method on every case, skipping finished rows; returns this run's rows."""
+def run(specs, method_names, cfg, workdir, border=8, show_progress=True, log=print,
+        seeds=None):
+  """Run every method on every case (for every seed of ``seeds``; default: ``cfg.seed``
+  alone), skipping finished rows; returns this run's rows."""
   for m in method_names:
     methods_lib.get(m)          # unknown names fail before any work
   os.makedirs(workdir, exist_ok=True)
   csv_path = os.path.join(workdir, "results.csv")
   rows = read_rows(csv_path)
-  fp = methods_lib.fingerprint_of(cfg)
-  todo = [(s, m) for s in specs for m in method_names]
+  seeds = [int(cfg.seed)] if not seeds else list(dict.fromkeys(int(s) for s in seeds))
+  base = seeds[0]               # its outputs go to runs/<case>/<method>/ (the figures')
+  cfgs = {s: cfg if s == int(cfg.seed) else methods_lib.with_overrides(cfg, {"seed": s})
+          for s in seeds}
+  fps = {s: methods_lib.fingerprint_of(c) for s, c in cfgs.items()}
+  todo = [(sd, s, m) for sd in seeds for s in specs for m in method_names]
   index = {row_key(r): i for i, r in enumerate(rows)}
   bar = tqdm.tqdm(total=len(todo), desc="bench", unit="run", disable=not show_progress,
                   dynamic_ncols=True)
   mine = []
-  for spec, m in todo:
-    key = (spec.name, m, fp)
+  for seed, spec, m in todo:
+    key = (spec.name, m, fps[seed])
     if key in index and rows[index[key]]["status"] in DONE:
       mine.append(rows[index[key]])
       bar.update(1)
       continue
-    bar.set_postfix_str(f"{spec.name} / {m}")
-    row = run_one(spec, m, cfg, workdir, border)
+    bar.set_postfix_str(f"{spec.name} / {m}" + (f" / seed {seed}" if len(seeds) > 1 else ""))
+    row = run_one(spec, m, cfgs[seed], workdir, border,
+                  method_dir(m, None if seed == base else seed))
     if key in index:
       rows[index[key]] = row
     else:
