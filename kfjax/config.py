@@ -42,7 +42,7 @@ def base_config():
       # paper's setup) or "gaussian" (fitted to an isotropic Gaussian of std
       # init_sigma × scale HR pixels in init_steps Adam steps before Phase 2).
       init="default",
-      init_sigma=0.5,
+      init_sigma=0.25,      # tuned on the cpu preset (BENCHMARKS.md, "Tuning")
       init_steps=500,
   ))
   cfg.sample = ml_collections.ConfigDict(dict(

@@ -120,7 +120,7 @@ def initial_params(net, kcfg, scale, rng):
     return params
   if init != "gaussian":
     raise ValueError(f"unknown kernel.init {init!r}; choose default or gaussian")
-  target = gaussian_blob(net.size, float(kcfg.get("init_sigma", 0.5)) * float(scale))
+  target = gaussian_blob(net.size, float(kcfg.get("init_sigma", 0.25)) * float(scale))
   return fit_kernel(net, params, target, int(kcfg.get("init_steps", 500)))
 
 
