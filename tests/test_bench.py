@@ -182,6 +182,18 @@ def test_runner_seeds_repeat_rows_and_report_the_spread(smoke_cfg, tmp_path):
   assert "## Spread over seeds" in md
   assert "## Spread over seeds" not in report.markdown([r for r in rows if r["seed"] == "3"],
                                                        "t")
+  # Rows written before the seed column existed get their seed back when resumed.
+  path = os.path.join(wd, "results.csv")
+  old = [{k: v for k, v in r.items() if k != "seed"} for r in runner.read_rows(path)]
+  runner.write_rows(path, old)
+  assert all(not r["seed"] for r in runner.read_rows(path))
+  methods.register("test_seeded")(seeded)
+  try:
+    again = runner.run(specs, ["test_seeded"], smoke_cfg, wd, border=2, show_progress=False,
+                       seeds=[3, 5])
+  finally:
+    del methods.METHODS["test_seeded"]
+  assert len(seen) == 2 * n and sorted(r["seed"] for r in again) == ["3"] * n + ["5"] * n
 
 
 def test_with_overrides_copies_and_rejects_unknown(smoke_cfg):

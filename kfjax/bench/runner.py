@@ -138,6 +138,8 @@ def run(specs, method_names, cfg, workdir, border=8, show_progress=True, log=pri
   for seed, spec, m in todo:
     key = (spec.name, m, fps[seed])
     if key in index and rows[index[key]]["status"] in DONE:
+      if not rows[index[key]].get("seed"):   # a row written before the seed column
+        rows[index[key]]["seed"] = str(seed)
       mine.append(rows[index[key]])
       bar.update(1)
       continue
