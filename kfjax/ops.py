@@ -54,9 +54,10 @@ def _conv_valid(x, w):
   return _conv(x, w, ((0, 1), (0, 0)))[:, :-1]
 
 
-def _groups(rows, most=8):
-  """The largest divisor of ``rows`` that is at most ``most``."""
-  return max(g for g in range(1, most + 1) if rows % g == 0)
+def largest_divisor(n, most):
+  """The largest divisor of ``n`` that is at most ``most`` (≥ 1); also sizes the
+  compiled chunks of the training loops (``pipeline.chunk_size``)."""
+  return max(d for d in range(1, max(1, most) + 1) if n % d == 0)
 
 
 def _weight_grad_dots(x, g, kh, kw):
@@ -68,7 +69,7 @@ def _weight_grad_dots(x, g, kh, kw):
   """
   n, ho, wo, co = g.shape
   ci = x.shape[-1]
-  groups = _groups(n * ho)
+  groups = largest_divisor(n * ho, 8)
   rows = n * ho * wo // groups
   g2 = g.reshape(groups, rows, co)
   taps = [jnp.einsum("gmc,gmo->gco", x[:, i:i + ho, j:j + wo].reshape(groups, rows, ci),

@@ -24,6 +24,7 @@ import tqdm
 
 from kfjax import checkpoint as ckpt
 from kfjax import io as kio
+from kfjax import ops
 from kfjax import resize
 from kfjax import sampler
 from kfjax import train_pd
@@ -122,8 +123,7 @@ def _ablation_checks(cfg):
 
 def chunk_size(total, wanted):
   """The largest divisor of ``total`` that is <= ``wanted`` (one compiled chunk length)."""
-  wanted = max(1, min(wanted, total))
-  return max(d for d in range(1, wanted + 1) if total % d == 0)
+  return ops.largest_divisor(total, min(wanted, total))
 
 
 def pd_fingerprint(cfg, lr_image):

@@ -65,10 +65,10 @@ def test_conv2d_dots_matches_plain_grad(kh, kw, n, h, w, ci, co):
       np.testing.assert_allclose(np.asarray(dw), np.asarray(dw_ref), rtol=0, atol=1e-10)
 
 
-def test_groups():
-  assert ops._groups(32 * 74) == 8
-  assert ops._groups(7) == 7
-  assert ops._groups(11) == 1
+def test_largest_divisor():
+  assert ops.largest_divisor(32 * 74, 8) == 8
+  assert ops.largest_divisor(7, 8) == 7
+  assert ops.largest_divisor(11, 8) == 1
   with pytest.raises(ValueError):
     ops.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)), "im2col")
 
