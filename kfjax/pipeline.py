@@ -79,6 +79,8 @@ def validate_config(cfg):
        "sample.t_start must be below diffusion.num_steps"),
       (cfg.sample.n_iter_first >= 1 and cfg.sample.n_iter >= 1, "sample.n_iter* must be >= 1"),
       (cfg.sample.steps_per_chunk >= 1, "sample.steps_per_chunk must be >= 1"),
+      (int(cfg.sample.num_samples) == cfg.sample.num_samples and cfg.sample.num_samples >= 1,
+       f"sample.num_samples must be an integer >= 1, got {cfg.sample.num_samples}"),
       (cfg.sample.pd_tile >= 0, "sample.pd_tile must be >= 0"),
       (cfg.kernel.size >= 0, "kernel.size must be >= 0 (0: 6 x scale)"),
       (cfg.unet.levels >= 1, "unet.levels must be >= 1"),
@@ -193,25 +195,49 @@ def train_phase1(cfg, lr_image, workdir=None, show_progress=True):
   return model, state.params, info
 
 
+def sample_keys(seed, num_samples):
+  """Phase 2 PRNG keys ``(init_key, noise_key)`` of samples ``0 … n−1``.
+
+  Sample 0 uses ``key(seed + 1)`` and ``key(seed + 2)`` (exactly the single run),
+  sample ``j`` those keys folded with ``j``; with ``num_samples > 1`` they come stacked
+  (shape ``(n,)``), otherwise as the two single keys.
+  """
+  def stack(base):
+    if num_samples == 1:
+      return base
+    rest = jax.vmap(lambda j: jax.random.fold_in(base, j))(jnp.arange(1, num_samples))
+    return jnp.concatenate([base[None], rest])
+  return stack(jax.random.key(seed + 1)), stack(jax.random.key(seed + 2))
+
+
 def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, workdir=None,
                fingerprint_parts=(), show_progress=True):
   """Reverse diffusion with joint U-Net / kernel optimisation.
 
   Returns ``(hr_image in [−1, 1], kernel (K, K), info)``; checkpoints every chunk
-  into ``workdir`` and resumes from there.
+  into ``workdir`` and resumes from there. With ``sample.num_samples = N > 1``, N
+  independent runs (keys from :func:`sample_keys`) go through one vmapped program and
+  the result is their mean: the mean of the N images (each clipped to [−1, 1]) and of
+  the N kernels.
   """
   sched = train_pd.make_schedule(cfg)
   p2 = sampler.Phase2(cfg, pd_model, pd_params, sched, lr_image.shape, scale, fixed_kernel)
   lr_image = jnp.asarray(lr_image, jnp.float32)
-  state = jax.jit(p2.init)(lr_image, jax.random.key(cfg.seed + 1))
-  rng = jax.random.key(cfg.seed + 2)
+  n = int(cfg.sample.num_samples)
+  init_keys, rng = sample_keys(int(cfg.seed), n)
+  if n == 1:
+    state = jax.jit(p2.init)(lr_image, init_keys)
+    lr_in = lr_image
+  else:
+    lr_in = jnp.broadcast_to(lr_image, (n,) + lr_image.shape)
+    state = jax.jit(p2.init_batch)(lr_in, init_keys)
   total = p2.num_steps
   mode = "nonblind" if fixed_kernel is not None else "blind"
   fp = ckpt.fingerprint(np.asarray(lr_image), *fingerprint_parts, cfg.unet.to_dict(),
                         cfg.kernel.to_dict(), cfg.sample.to_dict(), int(scale), mode,
                         None if fixed_kernel is None else np.asarray(fixed_kernel))
   saver = ckpt.PhaseCheckpoint(workdir, "phase2", fp) if workdir else None
-  info = {"steps": total, "mode": mode, "restored_step": None}
+  info = {"steps": total, "mode": mode, "samples": n, "restored_step": None}
   if saver is not None:
     if saver.stored_fingerprint() not in (None, fp):
       log("discarding a phase 2 checkpoint made with other settings")
@@ -222,18 +248,19 @@ def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, wor
       info["restored_step"] = int(step)
       log(f"resuming phase 2 from step {step}/{total}")
   chunk_len = chunk_size(total, int(cfg.sample.steps_per_chunk))
-  chunk = p2.make_chunk(chunk_len)
+  chunk = p2.make_chunk(chunk_len, batch=None if n == 1 else n)
   done = int(state.step)
-  bar = tqdm.tqdm(total=total, initial=done, desc=f"phase 2 ({mode} reverse diffusion)",
-                  unit="t", disable=not show_progress, dynamic_ncols=True)
+  desc = f"phase 2 ({mode} reverse diffusion{f', {n} samples' if n > 1 else ''})"
+  bar = tqdm.tqdm(total=total, initial=done, desc=desc, unit="t", disable=not show_progress,
+                  dynamic_ncols=True)
   metrics = None
   while done < total:
-    state, metrics = chunk(state, lr_image, rng)
+    state, metrics = chunk(state, lr_in, rng)
     done += chunk_len
-    loss = float(metrics.loss[-1])
-    if not np.isfinite(loss):
+    loss = np.asarray(metrics.loss[-1])
+    if not np.all(np.isfinite(loss)):
       raise FloatingPointError(f"phase 2 loss is {loss} at step {done}")
-    bar.set_postfix(t=int(metrics.t[-1]), loss=f"{loss:.5f}")
+    bar.set_postfix(t=int(metrics.t[-1]), loss=f"{float(loss.mean()):.5f}")
     bar.update(chunk_len)
     if saver is not None:
       saver.save(done, state)
@@ -241,10 +268,21 @@ def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, wor
   if saver is not None:
     saver.close()
   if metrics is not None:
-    info.update(final_loss=float(metrics.loss[-1]), final_consistency_a=float(metrics.cons_a[-1]),
-                final_consistency_b=float(metrics.cons_b[-1]), final_com=float(metrics.com[-1]))
-  hr, kernel = p2.result(state)
-  return np.asarray(hr), np.asarray(kernel), info
+    last = {"final_loss": metrics.loss, "final_consistency_a": metrics.cons_a,
+            "final_consistency_b": metrics.cons_b, "final_com": metrics.com}
+    for key, value in last.items():
+      value = np.asarray(value[-1], np.float64)
+      info[key] = float(value.mean())  # the samples' mean when N > 1
+      if n > 1:
+        info[key + "_per_sample"] = [float(v) for v in value]
+  if n == 1:
+    hr, kernel = p2.result(state)
+    return np.asarray(hr), np.asarray(kernel), info
+  hr, kernel = jax.vmap(lambda params, x0: p2.result(state._replace(params=params, x0=x0)))(
+      state.params, state.x0)  # (the step counter is shared, not per sample)
+  hr = np.clip(np.asarray(hr, np.float64), -1.0, 1.0).mean(axis=0)
+  kernel = np.asarray(kernel, np.float64).mean(axis=0)
+  return hr.astype(np.float32), (kernel / kernel.sum()).astype(np.float32), info
 
 
 def run(image_path, cfg, workdir, kernel_path=None, show_progress=True, method="kernelfusion"):

@@ -4,6 +4,7 @@
   ``jax.grad`` of ``lax.conv_general_dilated``;
 * Phase 2 with tiled PD against whole-image PD (loss and gradients of one iteration);
 * ``Phase2.make_chunk(steps, batch=N)`` against the images run one by one, tracing once;
+* ``sample.num_samples = N``: ``run_phase2``'s vmapped samples against single runs;
 * the PyTorch reference (``kfjax.bench.torch_ref``) against kfjax with ported parameters
   (skipped without torch);
 * ``kfjax.bench.throughput`` end to end at smoke shapes.
@@ -17,6 +18,7 @@ import pytest
 from kfjax import config as config_lib
 from kfjax import degrade
 from kfjax import ops
+from kfjax import pipeline
 from kfjax import sampler
 from kfjax import train_pd
 from kfjax.models import kernel_net
@@ -157,6 +159,44 @@ def test_phase2_batched_traces_once(batched_run):
   assert batched_run["chunk_b"]._cache_size() == 1
   m = batched_run["metrics_b"][0]
   assert m.t.shape == (1,) and m.loss.shape == (1, 2)
+
+
+def test_sample_keys():
+  init, noise = pipeline.sample_keys(7, 1)
+  assert jnp.all(init == jax.random.key(8)) and jnp.all(noise == jax.random.key(9))
+  init3, noise3 = pipeline.sample_keys(7, 3)
+  assert init3.shape == noise3.shape == (3,)
+  assert jnp.all(init3[0] == init) and jnp.all(noise3[0] == noise)  # sample 0 = the single run
+  assert jnp.all(init3[2] == jax.random.fold_in(init, 2))
+  assert len({int(jax.random.randint(k, (), 0, 2**30)) for k in init3}) == 3
+
+
+def test_phase2_samples_are_averaged(pd_setup):
+  """``sample.num_samples = 2``: one vmapped program whose image and kernel are the means
+  of two runs, each equal (up to vmap rounding, see above) to a single run with its
+  ``sample_keys``; the two runs really differ, so the mean is not one of them."""
+  cfg, model, params, sched = pd_setup
+  cfg = cfg.copy_and_resolve_references()  # the module's cfg is changed by batched_run
+  cfg.sample.steps_per_chunk = cfg.sample.num_steps
+  lr = _lr_images(1)[0]
+  p2 = sampler.Phase2(cfg, model, params, sched, lr.shape, SCALE)
+  chunk = p2.make_chunk(p2.num_steps)
+  init_keys, rngs = pipeline.sample_keys(int(cfg.seed), 2)
+  singles = []
+  for j in range(2):
+    state, _ = chunk(jax.jit(p2.init)(lr, init_keys[j]), lr, rngs[j])
+    singles.append([np.asarray(a, np.float64) for a in p2.result(state)])
+  cfg.sample.num_samples = 2
+  hr, k, info = pipeline.run_phase2(cfg, model, params, np.asarray(lr), SCALE,
+                                    show_progress=False)
+  (hr0, k0), (hr1, k1) = singles
+  assert float(np.abs(hr0 - hr1).max()) > 0.1 and float(np.abs(k0 - k1).max()) > 1e-3
+  np.testing.assert_allclose(hr, (np.clip(hr0, -1, 1) + np.clip(hr1, -1, 1)) / 2, rtol=0, atol=1e-3)
+  np.testing.assert_allclose(k, (k0 + k1) / 2, rtol=0, atol=1e-4)
+  assert hr.shape == (LR_SIDE * SCALE, LR_SIDE * SCALE, C) and k.min() >= 0
+  np.testing.assert_allclose(float(k.sum()), 1.0, rtol=1e-6)
+  assert info["samples"] == 2 and len(info["final_loss_per_sample"]) == 2
+  np.testing.assert_allclose(info["final_loss"], np.mean(info["final_loss_per_sample"]), rtol=1e-6)
 
 
 # -- the PyTorch reference ---------------------------------------------------------------

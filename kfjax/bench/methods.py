@@ -188,6 +188,8 @@ register_variant("kf_linear_cnn", {"kernel.net": "linear_cnn"},
                  "KernelFusion, kernel from a deep linear CNN (C.1, KernelGAN-like)")
 register_variant("kf_two_unets", {"sample.two_unets": True},
                  "KernelFusion, separate U-Nets before and after PD (C.2)")
+register_variant("kf_mean3", {"sample.num_samples": 3},
+                 "KernelFusion, mean of 3 vmapped runs (sample.num_samples, a kfjax option)")
 
 
 @register("kf_dip")
