@@ -259,3 +259,22 @@ def test_bad_option_values_are_refused(overrides, needle):
   with pytest.raises(KfjaxError, match=needle) as e:
     _cfg(overrides)
   assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", config_lib.PRESETS)
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_presets_are_valid_at_every_scale(name, scale):
+  """Every preset passes validation at ×2-×4, and its kernel net (the ``cpu`` preset's is
+  the linear CNN, the others' the SIREN) builds a non-negative K×K kernel, K = 6·s,
+  summing to 1 from its Phase 2 starting parameters."""
+  cfg = config_lib.preset(name)
+  cfg.scale = scale
+  pipeline.validate_config(cfg)
+  net = sampler.make_kernel_net(cfg, scale)
+  kcfg = cfg.kernel.copy_and_resolve_references()
+  kcfg.init_steps = 5  # (the Gaussian fit itself is tested in test_models.py)
+  params = kernel_net.initial_params(net, kcfg, scale, _key(0))
+  k = kernel_net.export_kernel(np.asarray(net.apply(params)))
+  assert k.shape == (6 * scale, 6 * scale) and k.min() >= 0
+  np.testing.assert_allclose(float(k.sum()), 1.0, rtol=1e-5)
+  assert (cfg.kernel.net == "linear_cnn") == (name == "cpu")

@@ -180,6 +180,8 @@ def fingerprint_of(cfg):
 # kfjax.kernelgan and restores with KernelFusion's non-blind Phase 2 (two-step, as the
 # papers pair KernelGAN with a non-blind SR method).
 
+register_variant("kf_inr", {"kernel.net": "inr"},
+                 "KernelFusion with the paper's SIREN kernel (the cpu preset uses the linear CNN)")
 register_variant("kf_direct_relu", {"kernel.net": "direct_relu"},
                  "KernelFusion, kernel entries as free parameters through a ReLU (C.1)")
 register_variant("kf_direct_sigmoid", {"kernel.net": "direct_sigmoid"},
