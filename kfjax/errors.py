@@ -3,3 +3,10 @@
 
 class KfjaxError(Exception):
   """A problem with the user's input or flags; its message is shown as-is."""
+
+
+def fail(msg, prog="kfjax"):
+  """Print ``<prog>: error: <msg>`` as one line on stderr and exit with status 2."""
+  import sys  # noqa: PLC0415
+  print(f"{prog}: error: {msg}", file=sys.stderr)
+  sys.exit(2)

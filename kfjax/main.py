@@ -8,7 +8,6 @@ Parses flags and calls :func:`kfjax.pipeline.run`; everything else is a library.
 """
 
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -16,6 +15,8 @@ from absl import logging
 from ml_collections import config_flags
 
 from kfjax import config as config_lib
+from kfjax.errors import KfjaxError
+from kfjax.errors import fail as _fail
 
 _IMAGE = flags.DEFINE_string("image", None, "Low-resolution input image (PNG, JPEG or TIFF).")
 _SCALE = flags.DEFINE_integer("scale", None, "Integer upscaling factor (>= 2); default: the preset's.",
@@ -34,11 +35,6 @@ _METHOD = flags.DEFINE_enum("method", "kernelfusion", ["kernelfusion", "kernelga
                             "the kernel, then KernelFusion's non-blind Phase 2 uses it.")
 
 
-def _fail(msg):
-  print(f"kfjax: error: {msg}", file=sys.stderr)
-  sys.exit(2)
-
-
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -47,7 +43,6 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   # Imported here so that --help and flag errors do not pay for importing JAX.
   from kfjax import pipeline
-  from kfjax.errors import KfjaxError
   try:
     cfg = _CONFIG.value
     cfg.name  # a file that failed to load raises on first attribute access

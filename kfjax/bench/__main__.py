@@ -23,6 +23,8 @@ from absl import logging
 from ml_collections import config_flags
 
 from kfjax import config as config_lib
+from kfjax import errors
+from kfjax.errors import KfjaxError
 
 _SUITE = flags.DEFINE_string("suite", "mini", "Suite name: mini, photos3x3, nonlinear, blind, tiny.")
 _METHODS = flags.DEFINE_list("methods", ["bicubic", "kernelfusion", "nonblind"],
@@ -43,8 +45,7 @@ _LIST = flags.DEFINE_bool("list", False, "List the suite's cases and the methods
 
 
 def _fail(msg):
-  print(f"kfjax.bench: error: {msg}", file=sys.stderr)
-  sys.exit(2)
+  errors.fail(msg, prog="kfjax.bench")
 
 
 def main(argv):
@@ -55,7 +56,6 @@ def main(argv):
   from kfjax.bench import report
   from kfjax.bench import runner
   from kfjax.bench import suites
-  from kfjax.errors import KfjaxError
   try:
     specs = suites.suite(_SUITE.value)
     for m in _METHODS.value:
