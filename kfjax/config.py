@@ -55,9 +55,10 @@ def base_config():
       lr_end=1e-5,
       com_weight=1e-2,      # centre-of-mass weight (not published)
       sparsity_weight=0.0,  # λ_sp·mean((|k|+ε)^0.2), KernelGAN's sparsity prior (0: off, paper)
-      # Independent runs of Phase 2 (own U-Net/kernel init and noise), vmapped together;
-      # sr.png and kernel.npy are their means (a kfjax option; 1: the paper's single run).
+      # Independent runs of Phase 2 (own U-Net/kernel init and noise); sr.png and
+      # kernel.npy are their means (a kfjax option; 1: the paper's single run).
       num_samples=1,
+      vmap_samples=True,    # the runs in one vmapped program (False: one after another)
       steps_per_chunk=20,   # reverse steps per dispatch (progress/checkpoint granularity)
       pd_tile=0,            # 0: PD on the whole image; N: N×N tiles (+7 px halo)
       pd_tile_batch=0,      # tiles per vmapped batch (0: all at once)

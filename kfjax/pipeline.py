@@ -216,72 +216,91 @@ def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, wor
 
   Returns ``(hr_image in [−1, 1], kernel (K, K), info)``; checkpoints every chunk
   into ``workdir`` and resumes from there. With ``sample.num_samples = N > 1``, N
-  independent runs (keys from :func:`sample_keys`) go through one vmapped program and
-  the result is their mean: the mean of the N images (each clipped to [−1, 1]) and of
-  the N kernels.
+  independent runs (keys from :func:`sample_keys`) are made and the result is their
+  mean: the mean of the N images (each clipped to [−1, 1]) and of the N kernels. With
+  ``sample.vmap_samples`` the N runs go through one vmapped program (for accelerators);
+  otherwise one after another through the same compiled program (faster on XLA:CPU,
+  where vmapped convolutions become slow grouped ones); sample j is the same run either
+  way, up to float rounding.
   """
   sched = train_pd.make_schedule(cfg)
   p2 = sampler.Phase2(cfg, pd_model, pd_params, sched, lr_image.shape, scale, fixed_kernel)
   lr_image = jnp.asarray(lr_image, jnp.float32)
   n = int(cfg.sample.num_samples)
-  init_keys, rng = sample_keys(int(cfg.seed), n)
-  if n == 1:
-    state = jax.jit(p2.init)(lr_image, init_keys)
-    lr_in = lr_image
-  else:
-    lr_in = jnp.broadcast_to(lr_image, (n,) + lr_image.shape)
-    state = jax.jit(p2.init_batch)(lr_in, init_keys)
+  together = n if bool(cfg.sample.vmap_samples) else 1
+  init_keys, rngs = sample_keys(int(cfg.seed), n)
   total = p2.num_steps
   mode = "nonblind" if fixed_kernel is not None else "blind"
   fp = ckpt.fingerprint(np.asarray(lr_image), *fingerprint_parts, cfg.unet.to_dict(),
                         cfg.kernel.to_dict(), cfg.sample.to_dict(), int(scale), mode,
                         None if fixed_kernel is None else np.asarray(fixed_kernel))
-  saver = ckpt.PhaseCheckpoint(workdir, "phase2", fp) if workdir else None
   info = {"steps": total, "mode": mode, "samples": n, "restored_step": None}
-  if saver is not None:
-    if saver.stored_fingerprint() not in (None, fp):
-      log("discarding a phase 2 checkpoint made with other settings")
-      saver.reset()
-    step = saver.latest_step()
-    if step is not None:
-      state = saver.restore(step, state)
-      info["restored_step"] = int(step)
-      log(f"resuming phase 2 from step {step}/{total}")
   chunk_len = chunk_size(total, int(cfg.sample.steps_per_chunk))
-  chunk = p2.make_chunk(chunk_len, batch=None if n == 1 else n)
-  done = int(state.step)
+  chunk = p2.make_chunk(chunk_len, batch=None if together == 1 else together)
+  groups = [None] if n == 1 else ([slice(0, n)] if together == n else list(range(n)))
   desc = f"phase 2 ({mode} reverse diffusion{f', {n} samples' if n > 1 else ''})"
-  bar = tqdm.tqdm(total=total, initial=done, desc=desc, unit="t", disable=not show_progress,
+  bar = tqdm.tqdm(total=total * len(groups), desc=desc, unit="t", disable=not show_progress,
                   dynamic_ncols=True)
-  metrics = None
-  while done < total:
-    state, metrics = chunk(state, lr_in, rng)
-    done += chunk_len
-    loss = np.asarray(metrics.loss[-1])
-    if not np.all(np.isfinite(loss)):
-      raise FloatingPointError(f"phase 2 loss is {loss} at step {done}")
-    bar.set_postfix(t=int(metrics.t[-1]), loss=f"{float(loss.mean()):.5f}")
-    bar.update(chunk_len)
+  hrs, kernels, last = [], [], []
+  for group in groups:
+    if group is None:        # the single run
+      state = jax.jit(p2.init)(lr_image, init_keys)
+      lr_in, rng, name = lr_image, rngs, "phase2"
+    elif together == 1:      # sample `group` alone
+      state = jax.jit(p2.init)(lr_image, init_keys[group])
+      lr_in, rng, name = lr_image, rngs[group], f"phase2-sample{group}"
+    else:                    # all samples, vmapped
+      lr_in = jnp.broadcast_to(lr_image, (n,) + lr_image.shape)
+      state = jax.jit(p2.init_batch)(lr_in, init_keys[group])
+      rng, name = rngs[group], "phase2"
+    saver = ckpt.PhaseCheckpoint(workdir, name, fp) if workdir else None
     if saver is not None:
-      saver.save(done, state)
+      if saver.stored_fingerprint() not in (None, fp):
+        log("discarding a phase 2 checkpoint made with other settings")
+        saver.reset()
+      step = saver.latest_step()
+      if step is not None:
+        state = saver.restore(step, state)
+        info["restored_step"] = int(step)
+        log(f"resuming phase 2{'' if name == 'phase2' else ' ' + name[7:]} from step "
+            f"{step}/{total}")
+    done = int(state.step)
+    bar.update(done)
+    metrics = None
+    while done < total:
+      state, metrics = chunk(state, lr_in, rng)
+      done += chunk_len
+      loss = np.asarray(metrics.loss[-1])
+      if not np.all(np.isfinite(loss)):
+        raise FloatingPointError(f"phase 2 loss is {loss} at step {done}")
+      bar.set_postfix(t=int(metrics.t[-1]), loss=f"{float(loss.mean()):.5f}")
+      bar.update(chunk_len)
+      if saver is not None:
+        saver.save(done, state)
+    if saver is not None:
+      saver.close()
+    if together > 1:
+      hr, kernel = jax.vmap(lambda params, x0: p2.result(state._replace(params=params, x0=x0)))(
+          state.params, state.x0)  # (the step counter is shared, not per sample)
+    else:
+      hr, kernel = (a[None] for a in p2.result(state))
+    hrs.append(np.asarray(hr))
+    kernels.append(np.asarray(kernel))
+    if metrics is not None:
+      last.append(jax.tree.map(lambda a: np.atleast_1d(np.asarray(a[-1], np.float64)), metrics))
   bar.close()
-  if saver is not None:
-    saver.close()
-  if metrics is not None:
-    last = {"final_loss": metrics.loss, "final_consistency_a": metrics.cons_a,
-            "final_consistency_b": metrics.cons_b, "final_com": metrics.com}
-    for key, value in last.items():
-      value = np.asarray(value[-1], np.float64)
+  if len(last) == len(groups):  # (not when everything was restored finished)
+    for key, field in (("final_loss", "loss"), ("final_consistency_a", "cons_a"),
+                       ("final_consistency_b", "cons_b"), ("final_com", "com")):
+      value = np.concatenate([getattr(m, field) for m in last])
       info[key] = float(value.mean())  # the samples' mean when N > 1
       if n > 1:
         info[key + "_per_sample"] = [float(v) for v in value]
+  hr, kernel = np.concatenate(hrs), np.concatenate(kernels)
   if n == 1:
-    hr, kernel = p2.result(state)
-    return np.asarray(hr), np.asarray(kernel), info
-  hr, kernel = jax.vmap(lambda params, x0: p2.result(state._replace(params=params, x0=x0)))(
-      state.params, state.x0)  # (the step counter is shared, not per sample)
-  hr = np.clip(np.asarray(hr, np.float64), -1.0, 1.0).mean(axis=0)
-  kernel = np.asarray(kernel, np.float64).mean(axis=0)
+    return hr[0], kernel[0], info
+  hr = np.clip(hr.astype(np.float64), -1.0, 1.0).mean(axis=0)
+  kernel = kernel.astype(np.float64).mean(axis=0)
   return hr.astype(np.float32), (kernel / kernel.sum()).astype(np.float32), info
 
 

@@ -171,10 +171,12 @@ def test_sample_keys():
   assert len({int(jax.random.randint(k, (), 0, 2**30)) for k in init3}) == 3
 
 
-def test_phase2_samples_are_averaged(pd_setup):
-  """``sample.num_samples = 2``: one vmapped program whose image and kernel are the means
-  of two runs, each equal (up to vmap rounding, see above) to a single run with its
-  ``sample_keys``; the two runs really differ, so the mean is not one of them."""
+@pytest.mark.parametrize("vmap", [True, False])
+def test_phase2_samples_are_averaged(pd_setup, vmap, tmp_path):
+  """``sample.num_samples = 2``: the image and kernel are the means of two runs, each
+  equal to a single run with its ``sample_keys`` — up to vmap rounding (see above) when
+  vmapped, exactly when run one after another (the same program); the two runs really
+  differ, so the mean is not one of them. A re-run restores every sample's checkpoint."""
   cfg, model, params, sched = pd_setup
   cfg = cfg.copy_and_resolve_references()  # the module's cfg is changed by batched_run
   cfg.sample.steps_per_chunk = cfg.sample.num_steps
@@ -186,17 +188,23 @@ def test_phase2_samples_are_averaged(pd_setup):
   for j in range(2):
     state, _ = chunk(jax.jit(p2.init)(lr, init_keys[j]), lr, rngs[j])
     singles.append([np.asarray(a, np.float64) for a in p2.result(state)])
-  cfg.sample.num_samples = 2
-  hr, k, info = pipeline.run_phase2(cfg, model, params, np.asarray(lr), SCALE,
-                                    show_progress=False)
+  cfg.sample.num_samples, cfg.sample.vmap_samples = 2, vmap
+  run = lambda: pipeline.run_phase2(cfg, model, params, np.asarray(lr), SCALE,
+                                    workdir=str(tmp_path), show_progress=False)
+  hr, k, info = run()
   (hr0, k0), (hr1, k1) = singles
   assert float(np.abs(hr0 - hr1).max()) > 0.1 and float(np.abs(k0 - k1).max()) > 1e-3
-  np.testing.assert_allclose(hr, (np.clip(hr0, -1, 1) + np.clip(hr1, -1, 1)) / 2, rtol=0, atol=1e-3)
-  np.testing.assert_allclose(k, (k0 + k1) / 2, rtol=0, atol=1e-4)
+  tol = 1e-3 if vmap else 1e-6
+  np.testing.assert_allclose(hr, (np.clip(hr0, -1, 1) + np.clip(hr1, -1, 1)) / 2, rtol=0, atol=tol)
+  np.testing.assert_allclose(k, (k0 + k1) / 2, rtol=0, atol=tol / 10)
   assert hr.shape == (LR_SIDE * SCALE, LR_SIDE * SCALE, C) and k.min() >= 0
   np.testing.assert_allclose(float(k.sum()), 1.0, rtol=1e-6)
   assert info["samples"] == 2 and len(info["final_loss_per_sample"]) == 2
   np.testing.assert_allclose(info["final_loss"], np.mean(info["final_loss_per_sample"]), rtol=1e-6)
+  hr_again, k_again, info_again = run()  # every sample restored from its finished checkpoint
+  assert info_again["restored_step"] == p2.num_steps
+  np.testing.assert_array_equal(hr_again, hr)
+  np.testing.assert_array_equal(k_again, k)
 
 
 # -- the PyTorch reference ---------------------------------------------------------------
