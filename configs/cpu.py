@@ -53,7 +53,8 @@ def get_config():
   cfg.sample.lr_end = 1e-4
   cfg.sample.steps_per_chunk = 5
   # --config.sample.num_samples=N runs one sample after another: vmapped, XLA:CPU turns
-  # the convolutions into grouped ones, ~1.8x slower per sample (BENCHMARKS.md).
+  # the convolutions into grouped ones: ~2x slower (photos3x3, 3 samples: 608-630 vs
+  # 269-285 s per case; BENCHMARKS.md "Averaging runs").
   cfg.sample.vmap_samples = False
   # --method kernelgan: the paper's 3000 iterations with 16- instead of 64-channel G and
   # D (~70 s for a 64×64 LR image on the 2-core CPU, measured).
