@@ -191,7 +191,7 @@ register_variant("kf_linear_cnn", {"kernel.net": "linear_cnn"},
 register_variant("kf_two_unets", {"sample.two_unets": True},
                  "KernelFusion, separate U-Nets before and after PD (C.2)")
 register_variant("kf_mean3", {"sample.num_samples": 3},
-                 "KernelFusion, mean of 3 vmapped runs (sample.num_samples, a kfjax option)")
+                 "KernelFusion, mean of 3 runs (sample.num_samples, a kfjax option)")
 
 
 @register("kf_dip")
