@@ -1,5 +1,7 @@
 """Errors that reach the user as one clear line (the CLI prints them and exits non-zero)."""
 
+import sys
+
 
 class KfjaxError(Exception):
   """A problem with the user's input or flags; its message is shown as-is."""
@@ -7,6 +9,5 @@ class KfjaxError(Exception):
 
 def fail(msg, prog="kfjax"):
   """Print ``<prog>: error: <msg>`` as one line on stderr and exit with status 2."""
-  import sys  # noqa: PLC0415
   print(f"{prog}: error: {msg}", file=sys.stderr)
   sys.exit(2)

@@ -237,22 +237,23 @@ def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, wor
   info = {"steps": total, "mode": mode, "samples": n, "restored_step": None}
   chunk_len = chunk_size(total, int(cfg.sample.steps_per_chunk))
   chunk = p2.make_chunk(chunk_len, batch=None if together == 1 else together)
-  groups = [None] if n == 1 else ([slice(0, n)] if together == n else list(range(n)))
+  # One group of samples per program run: all N vmapped, or sample j alone (j = 0 … N−1;
+  # with N = 1 the keys are the single run's, unstacked).
+  groups = [slice(0, n)] if together > 1 else list(range(n))
+  init = jax.jit(p2.init_batch if together > 1 else p2.init)
   desc = f"phase 2 ({mode} reverse diffusion{f', {n} samples' if n > 1 else ''})"
   bar = tqdm.tqdm(total=total * len(groups), desc=desc, unit="t", disable=not show_progress,
                   dynamic_ncols=True)
   hrs, kernels, last = [], [], []
   for group in groups:
-    if group is None:        # the single run
-      state = jax.jit(p2.init)(lr_image, init_keys)
-      lr_in, rng, name = lr_image, rngs, "phase2"
-    elif together == 1:      # sample `group` alone
-      state = jax.jit(p2.init)(lr_image, init_keys[group])
-      lr_in, rng, name = lr_image, rngs[group], f"phase2-sample{group}"
-    else:                    # all samples, vmapped
-      lr_in = jnp.broadcast_to(lr_image, (n,) + lr_image.shape)
-      state = jax.jit(p2.init_batch)(lr_in, init_keys[group])
-      rng, name = rngs[group], "phase2"
+    pick = (lambda keys: keys) if n == 1 else (lambda keys: keys[group])
+    if together > 1:
+      lr_in, name, label = jnp.broadcast_to(lr_image, (n,) + lr_image.shape), "phase2", "phase 2"
+    elif n > 1:
+      lr_in, name, label = lr_image, f"phase2-sample{group}", f"phase 2 sample {group}"
+    else:
+      lr_in, name, label = lr_image, "phase2", "phase 2"
+    state, rng = init(lr_in, pick(init_keys)), pick(rngs)
     saver = ckpt.PhaseCheckpoint(workdir, name, fp) if workdir else None
     if saver is not None:
       if saver.stored_fingerprint() not in (None, fp):
@@ -262,8 +263,7 @@ def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, wor
       if step is not None:
         state = saver.restore(step, state)
         info["restored_step"] = int(step)
-        log(f"resuming phase 2{'' if name == 'phase2' else ' ' + name[7:]} from step "
-            f"{step}/{total}")
+        log(f"resuming {label} from step {step}/{total}")
     done = int(state.step)
     bar.update(done)
     metrics = None

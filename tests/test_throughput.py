@@ -4,7 +4,8 @@
   ``jax.grad`` of ``lax.conv_general_dilated``;
 * Phase 2 with tiled PD against whole-image PD (loss and gradients of one iteration);
 * ``Phase2.make_chunk(steps, batch=N)`` against the images run one by one, tracing once;
-* ``sample.num_samples = N``: ``run_phase2``'s vmapped samples against single runs;
+* ``sample.num_samples = N``: ``run_phase2``'s samples (vmapped, or one after another)
+  against single runs, and their resume;
 * the PyTorch reference (``kfjax.bench.torch_ref``) against kfjax with ported parameters
   (skipped without torch);
 * ``kfjax.bench.throughput`` end to end at smoke shapes.
