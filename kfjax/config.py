@@ -11,6 +11,10 @@ def base_config():
   cfg.name = "base"
   cfg.seed = 0
   cfg.scale = 4
+  # Compute dtype of the two convolutional networks (PD and the U-Net): "float32", or
+  # "bfloat16" for mixed precision (parameters, optimiser state, losses, the kernel and
+  # the schedule stay float32; meant for accelerators with bf16 matrix units).
+  cfg.precision = "float32"
 
   cfg.diffusion = ml_collections.ConfigDict(dict(num_steps=1000, beta_start=1e-4, beta_end=0.02))
 

@@ -84,6 +84,8 @@ def validate_config(cfg):
       (cfg.sample.pd_tile >= 0, "sample.pd_tile must be >= 0"),
       (cfg.kernel.size >= 0, "kernel.size must be >= 0 (0: 6 x scale)"),
       (cfg.unet.levels >= 1, "unet.levels must be >= 1"),
+      (cfg.get("precision", "float32") in ("float32", "bfloat16"),
+       f"precision must be float32 or bfloat16, got {cfg.get('precision')!r}"),
   ]
   checks += _ablation_checks(cfg)
   for ok, msg in checks:
@@ -131,7 +133,14 @@ def chunk_size(total, wanted):
 def pd_fingerprint(cfg, lr_image):
   """Identifies a trained PD: the image and every field that shapes its training."""
   return ckpt.fingerprint(np.asarray(lr_image), cfg.pd.to_dict(), cfg.train.to_dict(),
-                          cfg.diffusion.to_dict(), cfg.seed)
+                          cfg.diffusion.to_dict(), cfg.seed, *_precision_part(cfg))
+
+
+def _precision_part(cfg):
+  """``(precision,)`` for checkpoint fingerprints, or ``()`` at the float32 default, so
+  float32 checkpoints written before the field existed keep their fingerprint."""
+  p = cfg.get("precision", "float32")
+  return () if p == "float32" else (p,)
 
 
 def train_phase1(cfg, lr_image, workdir=None, show_progress=True):
@@ -233,7 +242,8 @@ def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, wor
   mode = "nonblind" if fixed_kernel is not None else "blind"
   fp = ckpt.fingerprint(np.asarray(lr_image), *fingerprint_parts, cfg.unet.to_dict(),
                         cfg.kernel.to_dict(), cfg.sample.to_dict(), int(scale), mode,
-                        None if fixed_kernel is None else np.asarray(fixed_kernel))
+                        None if fixed_kernel is None else np.asarray(fixed_kernel),
+                        *_precision_part(cfg))
   info = {"steps": total, "mode": mode, "samples": n, "restored_step": None}
   chunk_len = chunk_size(total, int(cfg.sample.steps_per_chunk))
   chunk = p2.make_chunk(chunk_len, batch=None if together == 1 else together)

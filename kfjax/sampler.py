@@ -34,6 +34,7 @@ import optax
 from kfjax import degrade
 from kfjax import resize
 from kfjax import schedule as sch
+from kfjax import train_pd
 from kfjax.models import kernel_net
 from kfjax.models import pd as pd_lib
 from kfjax.models import unet as unet_lib
@@ -63,7 +64,7 @@ def make_unet(cfg, channels):
   u = cfg.unet
   return unet_lib.UNet(out_channels=channels, base_channels=u.base_channels, levels=u.levels,
                        max_channels=u.max_channels, residual=u.residual,
-                       upsample=u.upsample)
+                       upsample=u.upsample, dtype=train_pd.compute_dtype(cfg))
 
 
 def make_kernel_net(cfg, scale):

@@ -24,9 +24,15 @@ class PDState(NamedTuple):
   rng: jnp.ndarray
 
 
+def compute_dtype(cfg):
+  """The networks' compute dtype from ``cfg.precision`` (``float32`` or ``bfloat16``)."""
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.get("precision", "float32")]
+
+
 def make_model(cfg, channels):
   return pd_lib.PatchDiffusion(channels=cfg.pd.channels, out_channels=channels,
-                               num_blocks=cfg.pd.num_blocks, emb_dim=cfg.pd.emb_dim)
+                               num_blocks=cfg.pd.num_blocks, emb_dim=cfg.pd.emb_dim,
+                               dtype=compute_dtype(cfg))
 
 
 def make_schedule(cfg):

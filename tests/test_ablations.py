@@ -253,6 +253,7 @@ def test_linear_cnn_starts_as_area_averaging():
     ({"kernel.init": "box"}, "kernel.init"),
     ({"sample.sparsity_weight": -1.0}, "sparsity_weight"),
     ({"sample.num_samples": 0}, "num_samples"),
+    ({"precision": "float16"}, "precision"),
     ({"kernel.init": "gaussian", "kernel.init_sigma": 0.0}, "init_sigma"),
 ])
 def test_bad_option_values_are_refused(overrides, needle):

@@ -29,20 +29,20 @@ def _bench(*args):
 @pytest.mark.parametrize("name,field,value", [
     ("kf_inr", "kernel.net", "inr"), ("kf_linear_cnn", "kernel.net", "linear_cnn"),
     ("kf_direct_relu", "kernel.net", "direct_relu"), ("kf_two_unets", "sample.two_unets", True),
-    ("kf_mean3", "sample.num_samples", 3)])
+    ("kf_mean3", "sample.num_samples", 3), ("kf_bf16", "precision", "bfloat16")])
 def test_variants_run_kernelfusion_with_their_overrides(monkeypatch, name, field, value):
   from kfjax import config as config_lib
   seen = {}
   monkeypatch.setattr(methods, "kernelfusion", lambda case, cfg, workdir: seen.update(cfg=cfg))
   base = config_lib.preset("cpu")
   methods.METHODS[name]("case", base, "wd")
-  section, key = field.split(".")
-  assert seen["cfg"][section][key] == value
-  others = seen["cfg"].to_dict()
-  others[section].pop(key)
-  expected = base.to_dict()
-  expected[section].pop(key)
-  assert others == expected  # nothing else changed, and the preset itself is untouched
+  *section, key = field.split(".")
+  got, expected = seen["cfg"].to_dict(), base.to_dict()
+  inner_got = got[section[0]] if section else got
+  inner_expected = expected[section[0]] if section else expected
+  assert inner_got.pop(key) == value
+  inner_expected.pop(key)
+  assert got == expected  # nothing else changed, and the preset itself is untouched
 
 
 # -- suites --------------------------------------------------------------------------------

@@ -8,6 +8,8 @@
   against single runs, and their resume;
 * the PyTorch reference (``kfjax.bench.torch_ref``) against kfjax with ported parameters
   (skipped without torch);
+* ``precision = "bfloat16"``: PD and the U-Net against float32 (bf16 accuracy, float32
+  parameters and gradients), and both phases end to end;
 * ``kfjax.bench.throughput`` end to end at smoke shapes.
 """
 
@@ -22,6 +24,7 @@ from kfjax import ops
 from kfjax import pipeline
 from kfjax import sampler
 from kfjax import train_pd
+from kfjax.errors import KfjaxError
 from kfjax.models import kernel_net
 
 LR_SIDE = 10
@@ -208,6 +211,78 @@ def test_phase2_samples_are_averaged(pd_setup, vmap, tmp_path):
   np.testing.assert_array_equal(k_again, k)
 
 
+# -- bf16 mixed precision -----------------------------------------------------------------
+
+def _rel_err(a, b):
+  a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _cosine(a, b):
+  a = np.concatenate([np.asarray(l, np.float64).ravel() for l in jax.tree.leaves(a)])
+  b = np.concatenate([np.asarray(l, np.float64).ravel() for l in jax.tree.leaves(b)])
+  return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def _bf16(cfg):
+  cfg = cfg.copy_and_resolve_references()
+  cfg.precision = "bfloat16"
+  pipeline.validate_config(cfg)
+  return cfg
+
+
+def test_bf16_networks_follow_float32(pd_setup):
+  """``precision = "bfloat16"``: PD and the U-Net use the same float32 parameters, return
+  float32, and agree with float32 to bf16 accuracy — the error is above float32 rounding
+  (so bf16 really computes) and about 1e-2 (8 mantissa bits); their parameter gradients
+  are float32 and point the same way (cosine 0.988 for the tiny U-Net, whose
+  BatchNorm divides by small bf16 variances)."""
+  cfg32, pd32, params, _ = pd_setup
+  cfg16 = _bf16(cfg32)
+  pd16 = train_pd.make_model(cfg16, C)
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.uniform(-1, 1, (2, 34, 34, C)), jnp.float32)
+  t = jnp.asarray([5, 17])
+  nets = [(pd32, pd16, params, lambda m, p: m.apply(p, x, t))]
+  un32, un16 = sampler.make_unet(cfg32, C), sampler.make_unet(cfg16, C)
+  up = _perturb(jax.jit(un32.init)(_key(4), jnp.zeros((1, 16, 16, C))), 5, 0.05)
+  assert jax.tree.structure(jax.eval_shape(un16.init, _key(4), jnp.zeros((1, 16, 16, C)))) == \
+      jax.tree.structure(up)
+  nets.append((un32, un16, up, lambda m, p: m.apply(p, x[:1, :32, :32], mutable=["batch_stats"])[0]))
+  for m32, m16, p, apply in nets:
+    y32, y16 = apply(m32, p), apply(m16, p)
+    assert y16.dtype == jnp.float32 and y16.shape == y32.shape
+    assert 1e-4 < _rel_err(y16, y32) < 3e-2, (type(m32).__name__, _rel_err(y16, y32))
+    grad = lambda m: jax.grad(lambda q: jnp.mean(apply(m, q) ** 2))(p)
+    g32, g16 = grad(m32), grad(m16)
+    assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(g16))
+    assert _cosine(g16, g32) > 0.97, (type(m32).__name__, _cosine(g16, g32))
+
+
+def test_bf16_phases_run_and_checkpoints_are_kept_apart(tmp_path):
+  """Both phases under ``precision = "bfloat16"``: float32 parameters, a valid kernel, a
+  finite image; the checkpoints' fingerprints differ from float32's (a float32 run never
+  resumes a bf16 one), while float32's are those of a config without the field."""
+  cfg32 = config_lib.preset("smoke")
+  cfg16 = _bf16(cfg32)
+  lr = np.asarray(_lr_images(1)[0])
+  model, params, info = pipeline.train_phase1(cfg16, lr, str(tmp_path / "pd"), show_progress=False)
+  assert info["final_loss"] is not None and np.isfinite(info["final_loss"])
+  assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(params))
+  hr, k, info2 = pipeline.run_phase2(cfg16, model, params, lr, SCALE, show_progress=False)
+  assert hr.shape == (LR_SIDE * SCALE, LR_SIDE * SCALE, C) and np.all(np.isfinite(hr))
+  assert k.min() >= 0 and abs(float(k.sum()) - 1) < 1e-5 and np.isfinite(info2["final_loss"])
+  legacy = cfg32.to_dict()
+  legacy.pop("precision")
+  import ml_collections
+  legacy = ml_collections.ConfigDict(legacy)
+  assert pipeline.pd_fingerprint(cfg32, lr) == pipeline.pd_fingerprint(legacy, lr)
+  assert pipeline.pd_fingerprint(cfg16, lr) != pipeline.pd_fingerprint(cfg32, lr)
+  # The float32 run in the same workdir does not restore the bf16 PD.
+  with pytest.raises(KfjaxError, match="another image or config"):
+    pipeline.train_phase1(cfg32, lr, str(tmp_path / "pd"), show_progress=False)
+
+
 # -- the PyTorch reference ---------------------------------------------------------------
 
 def test_torch_reference_matches_kfjax(pd_setup):
@@ -283,7 +358,11 @@ def test_throughput_cli_smoke():
   assert p1["xla_flops_per_step"] is None or abs(p1["xla_flops_per_step"] / p1["flops_per_step"] - 1) < 0.1
   assert r["phase2"]["iter_s"] > 0 and r["phase2"]["reverse_iterations"] == 3 + 3 * 2
   assert r["batch"][0]["images"] == 2 and r["batch"][0]["images_per_hour"] > 0
-  assert "| Phase 1 |" in throughput.format_tables(r)
+  assert "| Phase 1 |" in throughput.format_tables(r) and r["precision"] == "float32"
+  throughput.parse_for_tests(["--preset=smoke", "--precision=bfloat16"])
+  assert throughput.preset_config("smoke").precision == "bfloat16"
+  assert throughput.phase2_config("smoke", 2).precision == "bfloat16"
+  throughput.parse_for_tests([])  # back to the defaults for any later test
 
 
 def test_pd_flops_formula():

@@ -25,6 +25,7 @@ import os
 import time
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from kfjax import checkpoint as ckpt
@@ -170,8 +171,14 @@ def register_variant(name, overrides, doc=None):
 
 
 def fingerprint_of(cfg):
-  """Short fingerprint of a config, recorded per row so changed settings are visible."""
-  return ckpt.fingerprint(cfg.to_json_best_effort(sort_keys=True))[:12]
+  """Short fingerprint of a config, recorded per row so changed settings are visible.
+
+  ``precision`` at its float32 default is left out, so rows written before the field
+  existed keep their fingerprint (and resume)."""
+  d = cfg.to_dict()
+  if d.get("precision", "float32") == "float32":
+    d.pop("precision", None)
+  return ckpt.fingerprint(ml_collections.ConfigDict(d).to_json_best_effort(sort_keys=True))[:12]
 
 
 # -- issue 5: KernelFusion's ablations and KernelGAN (added by the ablations work) ----------
@@ -190,6 +197,8 @@ register_variant("kf_linear_cnn", {"kernel.net": "linear_cnn"},
                  "KernelFusion, kernel from a deep linear CNN (C.1, KernelGAN-like)")
 register_variant("kf_two_unets", {"sample.two_unets": True},
                  "KernelFusion, separate U-Nets before and after PD (C.2)")
+register_variant("kf_bf16", {"precision": "bfloat16"},
+                 "KernelFusion with PD and the U-Net computing in bfloat16 (mixed precision)")
 register_variant("kf_mean3", {"sample.num_samples": 3},
                  "KernelFusion, mean of 3 runs (sample.num_samples, a kfjax option)")
 

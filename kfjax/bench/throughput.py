@@ -50,6 +50,9 @@ from kfjax.models import pd as pd_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "cpu", ["cpu", "paper", "smoke"], "Configuration preset whose shapes are measured.")
+flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16"],
+                  "Compute dtype of PD and the U-Net (config.precision); the PyTorch reference "
+                  "stays float32, so no ratio is reported for bfloat16.")
 flags.DEFINE_list("what", ["phase1", "phase2", "scaling", "batch"], "Measurements to run.")
 flags.DEFINE_integer("batch", 0, "Phase 1 crops per step (0: the preset's).")
 flags.DEFINE_integer("crop", 0, "Phase 1 crop size (0: the preset's).")
@@ -153,8 +156,15 @@ def _image(size, seed=0):
   return np.random.default_rng(seed).uniform(-1, 1, (size, size, CHANNELS)).astype(np.float32)
 
 
-def phase1_config(preset):
+def preset_config(preset):
+  """The preset with ``--precision`` applied."""
   cfg = config_lib.preset(preset)
+  cfg.precision = FLAGS.precision
+  return cfg
+
+
+def phase1_config(preset):
+  cfg = preset_config(preset)
   if FLAGS.batch:
     cfg.train.batch_size = FLAGS.batch
   if FLAGS.crop:
@@ -211,7 +221,7 @@ def bench_phase1_torch(cfg, steps, repeats):
 
 def phase2_config(preset, iters, pd_tile=0):
   """The preset with ``iters`` iterations in every reverse step (one step is timed)."""
-  cfg = config_lib.preset(preset)
+  cfg = preset_config(preset)
   if FLAGS.scale:
     cfg.scale = FLAGS.scale
   cfg.sample.n_iter_first = cfg.sample.n_iter = iters
@@ -259,7 +269,7 @@ def bench_phase2_jax(cfg, hr_size, iters, repeats, images=None):
 
 def bench_full_reverse(preset, hr_size):
   """Wall time of the whole reverse process of one image, one compiled program."""
-  cfg = config_lib.preset(preset)
+  cfg = preset_config(preset)
   if FLAGS.scale:
     cfg.scale = FLAGS.scale
   p2, state, lr, rng = _phase2_setup(cfg, hr_size)
@@ -310,7 +320,7 @@ def _log(msg):
 
 def run_all(preset, what, use_torch):
   """Every requested measurement, as one dict (progress on stderr)."""
-  out = {"preset": preset, "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+  out = {"preset": preset, "precision": FLAGS.precision, "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
          "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), "torch": None}
   if use_torch:
     import torch
@@ -366,7 +376,7 @@ def _mb(b):
 
 def format_tables(r):
   """Markdown tables of a :func:`run_all` result."""
-  lines = [f"preset `{r['preset']}`, {r['device']}, jax {r['jax']}, torch {r['torch']}, {r['date']}",
+  lines = [f"preset `{r['preset']}` ({r.get('precision', 'float32')}), {r['device']}, jax {r['jax']}, torch {r['torch']}, {r['date']}",
            f"matmul peak (float32 {FLAGS.peak_size}² jnp.dot): {r['matmul_peak_flop_s'] / 1e9:.1f} GFLOP/s", ""]
   if "phase1" in r:
     p = r["phase1"]
@@ -410,8 +420,10 @@ def parse_for_tests(argv):
 
 def main(argv):
   del argv
-  use_torch = FLAGS.torch and have_torch()
-  if FLAGS.torch and not use_torch:
+  use_torch = FLAGS.torch and have_torch() and FLAGS.precision == "float32"
+  if FLAGS.torch and FLAGS.precision != "float32":
+    print("--precision bfloat16: the PyTorch reference is float32 only, no ratio", file=sys.stderr)
+  elif FLAGS.torch and not use_torch:
     print("torch is not installed (pip install -e '.[bench]'): no PyTorch reference", file=sys.stderr)
   result = run_all(FLAGS.preset, set(FLAGS.what), use_torch)
   print(json.dumps(result, indent=2) if FLAGS.json else format_tables(result))
