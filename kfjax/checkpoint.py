@@ -56,6 +56,23 @@ class PhaseCheckpoint:
     shutil.rmtree(self.path, ignore_errors=True)
     kio.save_text_atomic(self.meta_path, json.dumps({"fingerprint": self.fp}))
 
+  def save_extra(self, **fields):
+    """Keep small JSON-able ``fields`` beside the fingerprint (e.g. a finished run's final
+    losses, which a later restore reports); :meth:`reset` drops them."""
+    meta = {"fingerprint": self.fp}
+    if self.matches():
+      with open(self.meta_path) as f:
+        meta.update(json.load(f))
+    meta.update(fields)
+    kio.save_text_atomic(self.meta_path, json.dumps(meta))
+
+  def extra(self, key):
+    """A field stored by :meth:`save_extra` under our fingerprint, or ``None``."""
+    if not self.matches():
+      return None
+    with open(self.meta_path) as f:
+      return json.load(f).get(key)
+
   @property
   def manager(self):
     if self._mngr is None:

@@ -29,7 +29,7 @@ _KERNEL = flags.DEFINE_string("kernel", None,
 _CONFIG = config_flags.DEFINE_config_file(
     "config", config_lib.preset_path("default"),
     "Preset file (configs/<preset>.py) or preset name: paper, cpu, smoke.", lock_config=False)
-_QUIET = flags.DEFINE_bool("quiet", False, "No progress bars.")
+_QUIET = flags.DEFINE_bool("quiet", False, "No progress bars (nor restore/resume messages).")
 _METHOD = flags.DEFINE_enum("method", "kernelfusion", ["kernelfusion", "kernelgan"],
                             "kernelfusion (blind, the default) or kernelgan: KernelGAN estimates "
                             "the kernel, then KernelFusion's non-blind Phase 2 uses it.")

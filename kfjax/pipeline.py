@@ -168,7 +168,8 @@ def train_phase1(cfg, lr_image, workdir=None, show_progress=True):
     if step is not None:
       state = saver.restore(step, state)
       info["restored_step"] = int(step)
-      log(f"restored patch diffusion from {saver.path} at step {step}/{total}")
+      if show_progress:  # (quiet for library callers such as the benchmark)
+        log(f"restored patch diffusion from {saver.path} at step {step}/{total}")
   done = int(state.step)
   if done >= total:
     return model, state.params, info
@@ -217,6 +218,11 @@ def sample_keys(seed, num_samples):
     rest = jax.vmap(lambda j: jax.random.fold_in(base, j))(jnp.arange(1, num_samples))
     return jnp.concatenate([base[None], rest])
   return stack(jax.random.key(seed + 1)), stack(jax.random.key(seed + 2))
+
+
+# summary key <- Phase2Metrics field, for the last iteration of a run
+_FINAL_LOSSES = (("final_loss", "loss"), ("final_consistency_a", "cons_a"),
+                 ("final_consistency_b", "cons_b"), ("final_com", "com"))
 
 
 def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, workdir=None,
@@ -273,7 +279,8 @@ def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, wor
       if step is not None:
         state = saver.restore(step, state)
         info["restored_step"] = int(step)
-        log(f"resuming {label} from step {step}/{total}")
+        if show_progress:
+          log(f"resuming {label} from step {step}/{total}")
     done = int(state.step)
     bar.update(done)
     metrics = None
@@ -289,6 +296,17 @@ def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, wor
         saver.save(done, state)
     if saver is not None:
       saver.close()
+    # The last iteration's losses (per sample of the group); kept with the checkpoint so
+    # that a run restored finished still reports them.
+    if metrics is not None:
+      final = {f: np.atleast_1d(np.asarray(getattr(metrics, f)[-1], np.float64)).tolist()
+               for _, f in _FINAL_LOSSES}
+      if saver is not None:
+        saver.save_extra(final_metrics=final)
+    else:
+      final = saver.extra("final_metrics") if saver is not None else None
+    if final is not None:
+      last.append(final)
     if together > 1:
       hr, kernel = jax.vmap(lambda params, x0: p2.result(state._replace(params=params, x0=x0)))(
           state.params, state.x0)  # (the step counter is shared, not per sample)
@@ -296,13 +314,10 @@ def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, wor
       hr, kernel = (a[None] for a in p2.result(state))
     hrs.append(np.asarray(hr))
     kernels.append(np.asarray(kernel))
-    if metrics is not None:
-      last.append(jax.tree.map(lambda a: np.atleast_1d(np.asarray(a[-1], np.float64)), metrics))
   bar.close()
-  if len(last) == len(groups):  # (not when everything was restored finished)
-    for key, field in (("final_loss", "loss"), ("final_consistency_a", "cons_a"),
-                       ("final_consistency_b", "cons_b"), ("final_com", "com")):
-      value = np.concatenate([getattr(m, field) for m in last])
+  if len(last) == len(groups):  # (not for a checkpoint finished before losses were kept)
+    for key, field in _FINAL_LOSSES:
+      value = np.concatenate([np.asarray(m[field], np.float64) for m in last])
       info[key] = float(value.mean())  # the samples' mean when N > 1
       if n > 1:
         info[key + "_per_sample"] = [float(v) for v in value]

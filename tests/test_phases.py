@@ -272,3 +272,22 @@ def test_default_prng_keys_trace(phase1, phase2_blind):
   out, metrics = jax.eval_shape(p2.make_chunk(2), init, lr, jax.random.PRNGKey(2))
   assert jax.tree.structure(out) == jax.tree.structure(init)
   assert metrics.loss.shape == (2,)
+
+
+def test_checkpoint_extras_follow_the_fingerprint(tmp_path):
+  """``PhaseCheckpoint.save_extra``: fields kept beside the fingerprint survive a state
+  save and a new handle, merge with later fields, and vanish on reset or under another
+  fingerprint."""
+  from kfjax import checkpoint as ckpt
+  a = ckpt.PhaseCheckpoint(str(tmp_path), "phase", "fp-a")
+  assert a.extra("final_metrics") is None
+  a.save(1, {"w": jnp.ones(3)})
+  a.save_extra(final_metrics={"loss": [0.5]})
+  a.save_extra(note="x")
+  a.close()
+  again = ckpt.PhaseCheckpoint(str(tmp_path), "phase", "fp-a")
+  assert again.extra("final_metrics") == {"loss": [0.5]} and again.extra("note") == "x"
+  assert again.latest_step() == 1
+  assert ckpt.PhaseCheckpoint(str(tmp_path), "phase", "fp-b").extra("final_metrics") is None
+  again.reset()
+  assert again.extra("final_metrics") is None and again.stored_fingerprint() == "fp-a"

@@ -207,6 +207,8 @@ def test_phase2_samples_are_averaged(pd_setup, vmap, tmp_path):
   np.testing.assert_allclose(info["final_loss"], np.mean(info["final_loss_per_sample"]), rtol=1e-6)
   hr_again, k_again, info_again = run()  # every sample restored from its finished checkpoint
   assert info_again["restored_step"] == p2.num_steps
+  for key in ("final_loss", "final_consistency_a", "final_loss_per_sample"):
+    assert info_again[key] == info[key]  # kept with the checkpoints
   np.testing.assert_array_equal(hr_again, hr)
   np.testing.assert_array_equal(k_again, k)
 
