@@ -277,3 +277,16 @@ def test_cli_bicubic_run_writes_csv_and_report(tmp_path):
   rows = list(csv.DictReader(open(os.path.join(wd, "results.csv"))))
   assert [r["status"] for r in rows] == ["ok", "ok"]
   assert "python -m kfjax.bench --suite tiny" in open(os.path.join(wd, "report.md")).read()
+
+
+def test_fingerprint_leaves_float32_precision_out():
+  """Rows written before ``precision`` existed keep their fingerprint; bf16 gets its own."""
+  import ml_collections
+  from kfjax import config as config_lib
+  cfg = config_lib.preset("cpu")
+  legacy = cfg.to_dict()
+  legacy.pop("precision")
+  assert methods.fingerprint_of(cfg) == methods.fingerprint_of(ml_collections.ConfigDict(legacy))
+  before = methods.fingerprint_of(cfg)
+  cfg.precision = "bfloat16"
+  assert methods.fingerprint_of(cfg) != before
