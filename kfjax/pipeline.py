@@ -133,10 +133,10 @@ def chunk_size(total, wanted):
 def pd_fingerprint(cfg, lr_image):
   """Identifies a trained PD: the image and every field that shapes its training."""
   return ckpt.fingerprint(np.asarray(lr_image), cfg.pd.to_dict(), cfg.train.to_dict(),
-                          cfg.diffusion.to_dict(), cfg.seed, *_precision_part(cfg))
+                          cfg.diffusion.to_dict(), cfg.seed, *precision_part(cfg))
 
 
-def _precision_part(cfg):
+def precision_part(cfg):
   """``(precision,)`` for checkpoint fingerprints, or ``()`` at the float32 default, so
   float32 checkpoints written before the field existed keep their fingerprint."""
   p = cfg.get("precision", "float32")
@@ -249,7 +249,7 @@ def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, wor
   fp = ckpt.fingerprint(np.asarray(lr_image), *fingerprint_parts, cfg.unet.to_dict(),
                         cfg.kernel.to_dict(), cfg.sample.to_dict(), int(scale), mode,
                         None if fixed_kernel is None else np.asarray(fixed_kernel),
-                        *_precision_part(cfg))
+                        *precision_part(cfg))
   info = {"steps": total, "mode": mode, "samples": n, "restored_step": None}
   chunk_len = chunk_size(total, int(cfg.sample.steps_per_chunk))
   chunk = p2.make_chunk(chunk_len, batch=None if together == 1 else together)

@@ -173,12 +173,12 @@ def register_variant(name, overrides, doc=None):
 def fingerprint_of(cfg):
   """Short fingerprint of a config, recorded per row so changed settings are visible.
 
-  ``precision`` at its float32 default is left out, so rows written before the field
-  existed keep their fingerprint (and resume)."""
+  ``precision`` enters as the checkpoints' :func:`pipeline.precision_part` (nothing at its
+  float32 default), so rows written before the field existed keep their fingerprint."""
   d = cfg.to_dict()
-  if d.get("precision", "float32") == "float32":
-    d.pop("precision", None)
-  return ckpt.fingerprint(ml_collections.ConfigDict(d).to_json_best_effort(sort_keys=True))[:12]
+  d.pop("precision", None)
+  return ckpt.fingerprint(ml_collections.ConfigDict(d).to_json_best_effort(sort_keys=True),
+                          *pipeline.precision_part(cfg))[:12]
 
 
 # -- issue 5: KernelFusion's ablations and KernelGAN (added by the ablations work) ----------
