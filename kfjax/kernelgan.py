@@ -289,7 +289,7 @@ class KernelGAN:
                     regs["sparse"], regs["centralized"])
       return (new, image, pg, pd, gw_g, gw_d, rng), m
 
-    @jax.jit
+    @ops.jit
     def chunk(state, image, probs_g, probs_d, grid_w_g, grid_w_d, rng):
       carry = (state, image, probs_g, probs_d, grid_w_g, grid_w_d, rng)
       (state, *_), metrics = jax.lax.scan(iteration, carry, length=steps)
@@ -306,7 +306,7 @@ def train(cfg, lr_image, scale_g, show_progress=True):
   kc = cfg.kernelgan
   img = jnp.asarray(np.asarray(lr_image, np.float32) * 2.0 - 1.0)
   model = KernelGAN(cfg, img.shape, scale_g)
-  state = jax.jit(model.init, static_argnums=1)(jax.random.key(cfg.seed + 7), img.shape[-1])
+  state = ops.jit(model.init, static_argnums=1)(jax.random.key(cfg.seed + 7), img.shape[-1])
   pg, (_, gw_g) = crop_probabilities(img, model.crop_g)
   pd, (_, gw_d) = crop_probabilities(img, model.crop_d)
   total = int(kc.iterations)
@@ -330,7 +330,7 @@ def train(cfg, lr_image, scale_g, show_progress=True):
           "crop_d": model.crop_d}
   if metrics is not None:
     info["final"] = {f: float(getattr(metrics, f)[-1]) for f in KGMetrics._fields}
-  return np.asarray(jax.jit(model.kernel)(state.g_params)), info, (model, chunk, state)
+  return np.asarray(ops.jit(model.kernel)(state.g_params)), info, (model, chunk, state)
 
 
 def estimate_kernel(lr_image, scale, cfg, show_progress=True):

@@ -24,15 +24,49 @@ product) runs on one core, so :func:`_weight_grad_dots` splits the contraction i
 groups. ``kfjax.bench.throughput`` measures the effect.
 
 Only stride 1 and VALID padding; ``Conv`` below pads explicitly for SAME.
+
+:func:`jit` is ``jax.jit`` with kfjax's XLA:CPU compiler options (:data:`CPU_COMPILER_OPTIONS`);
+every compiled training and sampling program in kfjax goes through it.
 ``tests/test_ops.py`` and ``tests/test_throughput.py`` check both gradients against
 ``jax.grad`` of the plain op.
 """
 
 import functools
+import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+# XLA:CPU hands convolutions to YNNPACK by default; on this project's CPU YNNPACK runs
+# them 1.5-2× slower than XLA's own (Eigen) convolutions (3×3, 32 channels, 266² image:
+# 13.6 vs 8.2 ms, 95 vs 157 GFLOP/s), and 5× slower without padding. Keeping YNNPACK for
+# matrix products and reductions only took a Phase 2 iteration (cpu preset, 256²) from
+# 0.54 to 0.44 s and a Phase 1 step from 0.063 to 0.045 s (BENCHMARKS.md, "Throughput").
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@functools.cache
+def compiler_options():
+  """The compiler options :func:`jit` passes: :data:`CPU_COMPILER_OPTIONS` on the CPU
+  backend, ``None`` elsewhere, when ``XLA_FLAGS`` already chooses the YNNPACK fusions
+  (the user's choice wins), or when this jaxlib does not know the option."""
+  if jax.default_backend() != "cpu" or "ynn_fusion_type" in os.environ.get("XLA_FLAGS", ""):
+    return None
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(1.0).compile()
+  except Exception:  # noqa: BLE001 - an unknown option is an XLA runtime error
+    return None
+  return dict(CPU_COMPILER_OPTIONS)
+
+
+def jit(fun=None, **kwargs):
+  """``jax.jit`` with :func:`compiler_options`; usable as ``@jit`` or ``jit(f, ...)``."""
+  if fun is None:
+    return functools.partial(jit, **kwargs)
+  return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
+
 
 _DN = ("NHWC", "HWIO", "NHWC")
 WEIGHT_GRADS = ("conv", "dots")

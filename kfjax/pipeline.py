@@ -152,7 +152,7 @@ def train_phase1(cfg, lr_image, workdir=None, show_progress=True):
   sched = train_pd.make_schedule(cfg)
   tx = train_pd.make_optimizer(cfg)
   # Jitted: eager parameter initialisation costs seconds per layer on CPU.
-  state = jax.jit(lambda k: train_pd.init_state(cfg, model, tx, lr_image.shape, k))(
+  state = ops.jit(lambda k: train_pd.init_state(cfg, model, tx, lr_image.shape, k))(
       jax.random.key(cfg.seed))
   total = int(cfg.train.steps)
   fp = pd_fingerprint(cfg, lr_image)
@@ -256,7 +256,7 @@ def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, wor
   # One group of samples per program run: all N vmapped, or sample j alone (j = 0 … N−1;
   # with N = 1 the keys are the single run's, unstacked).
   groups = [slice(0, n)] if together > 1 else list(range(n))
-  init = jax.jit(p2.init_batch if together > 1 else p2.init)
+  init = ops.jit(p2.init_batch if together > 1 else p2.init)
   desc = f"phase 2 ({mode} reverse diffusion{f', {n} samples' if n > 1 else ''})"
   bar = tqdm.tqdm(total=total * len(groups), desc=desc, unit="t", disable=not show_progress,
                   dynamic_ncols=True)

@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from kfjax import degrade
+from kfjax import ops
 from kfjax import resize
 from kfjax import schedule as sch
 from kfjax import train_pd
@@ -241,7 +242,7 @@ class Phase2:
       new = Phase2State(i + 1, params, opt_state, x_s, b)
       return (new, lr_image, rng), Phase2Metrics(s, loss, ca, cb, com)
 
-    @jax.jit
+    @ops.jit
     def chunk(state, lr_image, rng):
       (state, _, _), metrics = jax.lax.scan(reverse_step, (state, lr_image, rng), length=steps)
       return state, metrics
@@ -251,5 +252,5 @@ class Phase2:
   def result(self, state):
     """(HR image in [−1, 1], kernel) from a finished state (DIP: the U-Net's output)."""
     if self.dip:
-      return jax.jit(self.unet_apply)(state.params, state.x0), self.kernel(state.params)
+      return ops.jit(self.unet_apply)(state.params, state.x0), self.kernel(state.params)
     return state.x0, self.kernel(state.params)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kfjax import ops
 from kfjax import schedule as sch
 from kfjax.models import pd as pd_lib
 
@@ -95,7 +96,7 @@ def make_train_chunk(cfg, model, sched, tx, image, steps):
     params = optax.apply_updates(state.params, updates)
     return PDState(state.step + 1, params, opt_state, state.rng), loss
 
-  @jax.jit
+  @ops.jit
   def chunk(state):
     return jax.lax.scan(one_step, state, length=steps)
 

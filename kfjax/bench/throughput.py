@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kfjax import config as config_lib
+from kfjax import ops
 from kfjax import sampler
 from kfjax import train_pd
 from kfjax.models import pd as pd_lib
@@ -123,7 +124,7 @@ def xla_flops(compiled):
 def matmul_peak(size, repeats=5):
   """Measured float32 matmul FLOP/s: the best of ``repeats`` ``size²`` products."""
   a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
+  f = ops.jit(lambda x: x @ x)
   f(a).block_until_ready()
   best = min(median_time(lambda: f(a).block_until_ready(), 1) for _ in range(repeats))
   return 2.0 * size ** 3 / best
@@ -179,7 +180,7 @@ def bench_phase1_jax(cfg, steps, repeats, peak):
   model = train_pd.make_model(cfg, CHANNELS)
   sched = train_pd.make_schedule(cfg)
   tx = train_pd.make_optimizer(cfg)
-  state = jax.jit(lambda k: train_pd.init_state(cfg, model, tx, image.shape, k))(jax.random.key(0))
+  state = ops.jit(lambda k: train_pd.init_state(cfg, model, tx, image.shape, k))(jax.random.key(0))
   chunk, compile_s = compile_timed(train_pd.make_train_chunk(cfg, model, sched, tx, image, steps),
                                    state)
   holder = {"state": chunk(state)[0]}
@@ -194,7 +195,7 @@ def bench_phase1_jax(cfg, steps, repeats, peak):
   size = crop + 2 * pd_lib.HALO
   x = jnp.zeros((batch, size, size, CHANNELS))
   t = jnp.ones((batch,), jnp.int32)
-  grad = jax.jit(jax.grad(lambda p: train_pd.loss_fn(model, sched, p, x, t, x)))
+  grad = ops.jit(jax.grad(lambda p: train_pd.loss_fn(model, sched, p, x, t, x)))
   xla = xla_flops(grad.lower(state.params).compile())
   return dict(batch=batch, crop=crop, compile_s=compile_s, step_s=per_step, steps_per_s=1 / per_step,
               flops_per_step=flops, xla_flops_per_step=xla, flop_s=flops / per_step,
@@ -240,16 +241,16 @@ def _phase2_setup(cfg, hr_size, images=None):
   lr_side = hr_size // scale
   model = train_pd.make_model(cfg, CHANNELS)
   sched = train_pd.make_schedule(cfg)
-  pd_params = jax.jit(lambda k: model.init(k, jnp.zeros((1, 16, 16, CHANNELS)), jnp.ones((1,))))(
+  pd_params = ops.jit(lambda k: model.init(k, jnp.zeros((1, 16, 16, CHANNELS)), jnp.ones((1,))))(
       jax.random.key(1))
   p2 = sampler.Phase2(cfg, model, pd_params, sched, (lr_side, lr_side, CHANNELS), scale)
   if images is None:
     lr = jnp.asarray(_image(lr_side, 2))
-    state = jax.jit(p2.init)(lr, jax.random.key(3))
+    state = ops.jit(p2.init)(lr, jax.random.key(3))
     rng = jax.random.key(4)
   else:
     lr = jnp.asarray(np.stack([_image(lr_side, 2 + i) for i in range(images)]))
-    state = jax.jit(p2.init_batch)(lr, jax.random.split(jax.random.key(3), images))
+    state = ops.jit(p2.init_batch)(lr, jax.random.split(jax.random.key(3), images))
     rng = jax.random.split(jax.random.key(4), images)
   return p2, state, lr, rng
 
