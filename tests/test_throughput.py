@@ -2,6 +2,8 @@
 
 * ``ops.conv2d(..., "dots")`` (grouped-product weight gradient, padded forward) against
   ``jax.grad`` of ``lax.conv_general_dilated``;
+* the U-Net's reshape max-pool and sliced bilinear upsampling against ``nn.max_pool`` and
+  the gather formulation; ``ops.jit``'s XLA:CPU compiler options;
 * Phase 2 with tiled PD against whole-image PD (loss and gradients of one iteration);
 * ``Phase2.make_chunk(steps, batch=N)`` against the images run one by one, tracing once;
 * ``sample.num_samples = N``: ``run_phase2``'s samples (vmapped, or one after another)
@@ -77,6 +79,68 @@ def test_largest_divisor():
   assert ops.largest_divisor(11, 8) == 1
   with pytest.raises(ValueError):
     ops.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)), "im2col")
+
+
+# -- U-Net pooling and upsampling, ops.jit's compiler options -------------------------------
+
+def _bilinear_gather(h):
+  """The plain formulation of the U-Net's ×2 bilinear step: neighbours by gather."""
+  def up(x, axis):
+    n = x.shape[axis]
+    prev = jnp.take(x, jnp.clip(jnp.arange(n) - 1, 0, n - 1), axis=axis)
+    nxt = jnp.take(x, jnp.clip(jnp.arange(n) + 1, 0, n - 1), axis=axis)
+    out = jnp.stack([0.25 * prev + 0.75 * x, 0.75 * x + 0.25 * nxt], axis=axis + 1)
+    return out.reshape(x.shape[:axis] + (2 * n,) + x.shape[axis + 1:])
+  return up(up(h, 1), 2)
+
+
+def test_unet_pool_and_upsample_match_plain_ops():
+  """``max_pool2`` and ``_bilinear2x`` against ``flax.linen.max_pool`` and the gather
+  formulation: values and gradients (float64; random inputs, so no ties)."""
+  import flax.linen as nn
+  from kfjax.models import unet as unet_mod
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(2, 8, 6, 3)))
+    wts = jnp.asarray(rng.normal(size=(2, 4, 3, 3)))
+    pool = lambda f: jax.value_and_grad(lambda a: jnp.sum(jnp.sin(f(a)) * wts))
+    val, grad = pool(unet_mod.max_pool2)(x)
+    ref, grad_ref = pool(lambda a: nn.max_pool(a, (2, 2), (2, 2)))(x)
+    np.testing.assert_allclose(float(val), float(ref), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(grad_ref), atol=1e-12)
+    assert np.count_nonzero(np.asarray(grad)) == wts.size  # one winner per window
+    wts2 = jnp.asarray(rng.normal(size=(2, 16, 12, 3)))
+    up = lambda f: jax.value_and_grad(lambda a: jnp.sum(jnp.sin(f(a)) * wts2))
+    val, grad = up(unet_mod._bilinear2x)(x)
+    ref, grad_ref = up(_bilinear_gather)(x)
+    np.testing.assert_allclose(float(val), float(ref), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(grad_ref), atol=1e-12)
+
+
+def test_ops_jit_compiler_options(monkeypatch):
+  """On CPU ``ops.jit`` keeps convolutions away from YNNPACK, computes what ``jax.jit``
+  computes, and leaves the choice to ``XLA_FLAGS`` when the user made one."""
+  assert jax.default_backend() == "cpu"
+  opts = ops.compiler_options()
+  assert opts == ops.CPU_COMPILER_OPTIONS
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(1, 12, 12, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 4, 5)), jnp.float32)
+  f = lambda a, b: jax.lax.conv_general_dilated(a, b, (1, 1), "VALID",
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  ours, plain = ops.jit(f), jax.jit(f)
+  text = ours.lower(x, w).compile().as_text()
+  conv_lines = [l for l in text.splitlines() if "convolution(" in l]
+  assert conv_lines and not any("ynn" in l for l in conv_lines)
+  np.testing.assert_allclose(np.asarray(ours(x, w)), np.asarray(plain(x, w)), rtol=1e-5, atol=1e-5)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+  ops.compiler_options.cache_clear()
+  try:
+    assert ops.compiler_options() is None
+  finally:
+    monkeypatch.undo()
+    ops.compiler_options.cache_clear()
+  assert ops.compiler_options() == ops.CPU_COMPILER_OPTIONS
 
 
 # -- Phase 2: tiled PD, vmapped images -----------------------------------------------------

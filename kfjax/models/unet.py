@@ -56,11 +56,15 @@ def max_pool2(h):
   The same values as ``flax.linen.max_pool(h, (2, 2), (2, 2))``, written as a reshape and
   a max: JAX differentiates a ``reduce_window`` max by tracking argmax indices through a
   variadic ``reduce_window`` (index tensors of the input's size), which costs more than
-  the convolution before it on XLA:CPU. The gradient goes to the maximum; among equal
-  values it is shared (they only tie at ReLU's zeros here, whose gradient is zero anyway).
+  the convolution before it on XLA:CPU. Two pairwise ``maximum`` s rather than a
+  ``max`` reduction, whose gradient divides by the number of tied entries (and gave NaNs
+  under ``--xla_backend_optimization_level=0``). The gradient goes to the maximum; ties
+  share it (they only tie at ReLU's zeros here, whose gradient is zero anyway).
   """
   b, hh, ww, c = h.shape
-  return h.reshape(b, hh // 2, 2, ww // 2, 2, c).max(axis=(2, 4))
+  x = h.reshape(b, hh // 2, 2, ww // 2, 2, c)
+  rows = jnp.maximum(x[:, :, 0], x[:, :, 1])  # (b, hh/2, ww/2, 2, c)
+  return jnp.maximum(rows[:, :, :, 0], rows[:, :, :, 1])
 
 
 class _Block(nn.Module):
