@@ -28,6 +28,8 @@ into a small output (the weight gradient as one matrix product) runs on one core
 measures the effect.
 
 Only stride 1 and VALID padding; ``Conv`` below pads explicitly for SAME.
+``tests/test_ops.py`` and ``tests/test_throughput.py`` check both gradients against
+``jax.grad`` of the plain op.
 
 :func:`jit` is ``jax.jit`` with kfjax's XLA:CPU compiler options (:data:`CPU_COMPILER_OPTIONS`);
 every compiled training and sampling program in kfjax goes through it.

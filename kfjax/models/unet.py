@@ -54,12 +54,12 @@ def max_pool2(h):
   """2×2, stride-2 max pooling of (B, H, W, C) with even H, W.
 
   The same values as ``flax.linen.max_pool(h, (2, 2), (2, 2))``, written as a reshape and
-  a max: JAX differentiates a ``reduce_window`` max by tracking argmax indices through a
-  variadic ``reduce_window`` (index tensors of the input's size), which costs more than
-  the convolution before it on XLA:CPU. Two pairwise ``maximum`` s rather than a
-  ``max`` reduction, whose gradient divides by the number of tied entries (and gave NaNs
-  under ``--xla_backend_optimization_level=0``). The gradient goes to the maximum; ties
-  share it (they only tie at ReLU's zeros here, whose gradient is zero anyway).
+  two pairwise ``maximum`` s: JAX differentiates a ``reduce_window`` max by tracking argmax
+  indices through a variadic ``reduce_window`` (index tensors of the input's size), which
+  costs more than the convolution before it on XLA:CPU. Not a ``max`` reduction either:
+  its gradient divides by the number of tied entries, and gave NaNs under
+  ``--xla_backend_optimization_level=0``. The gradient goes to the maximum; ties share it
+  (they only tie at ReLU's zeros here, whose gradient is zero anyway).
   """
   b, hh, ww, c = h.shape
   x = h.reshape(b, hh // 2, 2, ww // 2, 2, c)
