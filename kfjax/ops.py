@@ -13,8 +13,8 @@ which XLA runs at forward speed everywhere:
   kernel flipped in space and with its in/out channel axes swapped;
 * weight gradient: a convolution over the spatial axes where the batch axis plays the
   role of the channel axis (``lhs = x`` as (C_in, H, W, N), ``rhs = g`` as
-  (H', W', N, C_out)), giving (C_in, k, k, C_out); or (``weight_grad="dots"``,
-  :data:`ConvDots`) one grouped matrix product per kernel tap. The products were 2-5×
+  (H', W', N, C_out)), giving (C_in, k, k, C_out); or (``weight_grad="dots"``) one
+  grouped matrix product per kernel tap. The products were 2-5×
   faster for batches of crops while XLA:CPU ran convolutions through YNNPACK; with
   :func:`jit`'s options the convolution is faster for every network here (PD step at
   the paper's shapes: 6.2 s vs 7.6 s), so all networks use :data:`Conv`.
@@ -174,6 +174,3 @@ def _general(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=
 
 Conv = functools.partial(nn.Conv, conv_general_dilated=_general)
 Conv.__doc__ = "``flax.linen.Conv`` (stride 1) whose gradients use :func:`conv2d`."
-ConvDots = functools.partial(
-    nn.Conv, conv_general_dilated=functools.partial(_general, weight_grad="dots"))
-ConvDots.__doc__ = "As :data:`Conv`, with the grouped-product weight gradient (batches of crops)."
