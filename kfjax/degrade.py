@@ -54,16 +54,38 @@ def downscale(x, kernel, scale):
   lo_h, hi_h, skip_h, out_h = _pads(h, scale, ksize)
   lo_w, hi_w, skip_w, out_w = _pads(w, scale, ksize)
   # Channels (and batch axes) become the conv batch axis: one filter serves all.
-  planes = jnp.moveaxis(x.reshape((-1, h, w, c)), -1, 1).reshape((-1, h, w, 1))
-  planes = jnp.pad(planes, ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0)), mode="symmetric")
-  planes = planes[:, skip_h:, skip_w:, :]
-  rhs = kernel[::-1, ::-1, None, None]  # flipped: convolution, not correlation
+  planes = jnp.moveaxis(x.reshape((-1, h, w, c)), -1, 1).reshape((-1, h, w))
+  planes = jnp.pad(planes, ((0, 0), (lo_h, hi_h), (lo_w, hi_w)), mode="symmetric")
+  planes = planes[:, skip_h:, skip_w:]
+  # Polyphase form: the s² pixel phases of the padded planes become s² input features of
+  # a stride-1 convolution with ceil(K/s)² taps (the kernel zero-padded to a multiple of
+  # s and split by phase). Same sums as the strided K×K convolution, but XLA:CPU runs a
+  # stride-1 convolution with several input features 2× faster, forward and backward
+  # (Phase 2's two calls, 256² → 128² at K = 12, value + both gradients: 6 vs 11-13 ms).
+  taps = -(-ksize // scale)
+  kflip = jnp.pad(kernel[::-1, ::-1], ((0, taps * scale - ksize),) * 2)
+  rhs = kflip.reshape(taps, scale, taps, scale).transpose(0, 2, 1, 3)
+  rhs = rhs.reshape(taps, taps, scale * scale, 1)
+  phases = _phases(planes, out_h + taps - 1, out_w + taps - 1, scale)
   y = jax.lax.conv_general_dilated(
-      planes, rhs, window_strides=(scale, scale), padding="VALID",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  y = y[:, :out_h, :out_w, 0]
+      phases, rhs, window_strides=(1, 1), padding="VALID",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))[..., 0]
   y = jnp.moveaxis(y.reshape((-1, c, out_h, out_w)), 1, -1)
   return y.reshape((*lead, out_h, out_w, c))
+
+
+def _phases(planes, rows, cols, scale):
+  """``(N, H, W) → (N, rows, cols, s²)`` with ``[n, i, j, p·s + q] = planes[n, s·i + p, s·j + q]``.
+
+  Planes are cropped or zero-extended to ``s·rows × s·cols`` first: the rows and columns
+  this adds or drops meet only the zero taps of the padded kernel (or no tap at all).
+  """
+  planes = planes[:, :scale * rows, :scale * cols]
+  planes = jnp.pad(planes, ((0, 0), (0, scale * rows - planes.shape[1]),
+                            (0, scale * cols - planes.shape[2])))
+  n = planes.shape[0]
+  planes = planes.reshape(n, rows, scale, cols, scale).transpose(0, 1, 3, 2, 4)
+  return planes.reshape(n, rows, cols, scale * scale)
 
 
 def downscale_np(x, kernel, scale):

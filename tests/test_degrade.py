@@ -210,3 +210,36 @@ def test_float32_dtype():
 def test_rejects_non_square_kernel():
   with pytest.raises(ValueError):
     degrade.downscale(jnp.ones((6, 6, 1)), jnp.ones((2, 3)), 2)
+
+
+def _downscale_strided(x, kernel, scale):
+  """The plain formulation: one strided K×K convolution of the padded planes."""
+  *lead, h, w, c = x.shape
+  ksize = kernel.shape[0]
+  lo_h, hi_h, skip_h, out_h = degrade._pads(h, scale, ksize)
+  lo_w, hi_w, skip_w, out_w = degrade._pads(w, scale, ksize)
+  planes = jnp.moveaxis(x.reshape((-1, h, w, c)), -1, 1).reshape((-1, h, w, 1))
+  planes = jnp.pad(planes, ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0)), mode="symmetric")
+  y = jax.lax.conv_general_dilated(
+      planes[:, skip_h:, skip_w:], kernel[::-1, ::-1, None, None], (scale, scale), "VALID",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))[:, :out_h, :out_w, 0]
+  return jnp.moveaxis(y.reshape((-1, c, out_h, out_w)), 1, -1).reshape((*lead, out_h, out_w, c))
+
+
+@pytest.mark.parametrize("s,ksize,h,w", [(2, 12, 20, 18), (4, 24, 23, 17), (3, 5, 10, 13),
+                                         (2, 3, 9, 8), (4, 2, 9, 10)])
+def test_gradients_match_plain_formulation(x64, s, ksize, h, w):
+  """The polyphase convolution's gradients (image and kernel) equal those of the strided one."""
+  rng = np.random.default_rng(s + ksize + h)
+  x = jnp.asarray(rng.normal(size=(2, h, w, 3)))
+  k = jnp.asarray(_rand_kernel(rng, ksize))
+  target = jnp.asarray(rng.normal(size=(2, -(-h // s), -(-w // s), 3)))
+
+  def grads(f):
+    return jax.jit(jax.grad(lambda xx, kk: jnp.sum((f(xx, kk, s) - target) ** 2),
+                            argnums=(0, 1)))(x, k)
+
+  (gx, gk), (rx, rk) = grads(degrade.downscale), grads(_downscale_strided)
+  assert float(jnp.abs(rk).max()) > 1e-3
+  np.testing.assert_allclose(np.asarray(gx), np.asarray(rx), rtol=0, atol=1e-10)
+  np.testing.assert_allclose(np.asarray(gk), np.asarray(rk), rtol=0, atol=1e-10)
