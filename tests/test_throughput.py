@@ -386,6 +386,14 @@ def test_torch_reference_matches_kfjax(pd_setup):
   kparams = jax.jit(kn.init)(_key(5))
   tk = torch_ref.load_siren(torch_ref.siren_from_config(cfg, 12), kparams)
   np.testing.assert_allclose(tk().detach().numpy(), np.asarray(kn.apply(kparams)), rtol=1e-5, atol=1e-8)
+  # The deep linear CNN kernel net (the cpu preset's), ×2 (sizes 5,3,3,1,1,2) and ×4 (7,7,5,3,1,4).
+  cpu = config_lib.preset("cpu")
+  for s, k in ((2, 12), (4, 24)):
+    lc = kernel_net.make(cpu.kernel, k, s)
+    lparams = _perturb(jax.jit(lc.init)(_key(8 + s)), 9, 0.01)
+    tl = torch_ref.load_kernel(torch_ref.kernel_from_config(cpu, k, s), lparams)
+    assert isinstance(tl, torch_ref.LinearCNNKernel)
+    np.testing.assert_allclose(tl().detach().numpy(), np.asarray(lc.apply(lparams)), rtol=0, atol=1e-6)
   for s, k in ((2, 12), (3, 7)):
     kern = rng.uniform(0, 1, (k, k)).astype(np.float32)
     np.testing.assert_allclose(nhwc(torch_ref.downscale(nchw(xu), torch.as_tensor(kern), s)),
@@ -408,7 +416,7 @@ def test_torch_reference_matches_kfjax(pd_setup):
   ksize = sampler.kernel_size(cfg, SCALE)
   it = torch_ref.Phase2Iteration(
       torch_ref.load_unet(torch_ref.unet_from_config(cfg, C), p2_params["unet"]),
-      torch_ref.load_siren(torch_ref.siren_from_config(cfg, ksize), p2_params["kernel"]),
+      torch_ref.load_kernel(torch_ref.kernel_from_config(cfg, ksize, SCALE), p2_params["kernel"]),
       torch_ref.load_pd(torch_ref.pd_from_config(cfg, C), params), sched,
       *[np.asarray(a)[None].transpose(0, 3, 1, 2) for a in (state.x, state.x0, xi, lr)],
       ts, ss, SCALE, float(cfg.sample.com_weight), channels_last=False)
@@ -432,6 +440,11 @@ def test_throughput_cli_smoke():
   # The analytic FLOP count agrees with XLA's count of the same step within 10 %.
   assert p1["xla_flops_per_step"] is None or abs(p1["xla_flops_per_step"] / p1["flops_per_step"] - 1) < 0.1
   assert r["phase2"]["iter_s"] > 0 and r["phase2"]["reverse_iterations"] == 3 + 3 * 2
+  # Phase 2's convolution count against XLA's count of the whole iteration (elementwise work
+  # included: ~14 % more at these tiny shapes, 2 % at the cpu preset's 256²).
+  p2 = r["phase2"]
+  assert p2["xla_flops_per_iter"] is None or 1.0 < p2["xla_flops_per_iter"] / p2["flops_per_iter"] < 1.25
+  assert 0 < p2["peak_fraction"] and "| Phase 2 FLOPs |" in throughput.format_tables(r)
   assert r["batch"][0]["images"] == 2 and r["batch"][0]["images_per_hour"] > 0
   assert "| Phase 1 |" in throughput.format_tables(r) and r["precision"] == "float32"
   throughput.parse_for_tests(["--preset=smoke", "--precision=bfloat16"])
@@ -447,3 +460,18 @@ def test_pd_flops_formula():
   expected = (2 * 28 ** 2 * 9 * 3 * c + 2 * 26 ** 2 * 9 * c * c
               + sum(2 * s * s * (9 + 1) * c * c for s in (24, 22, 20, 18, 16)) + 2 * 16 ** 2 * c * 3)
   assert throughput.pd_flops(cfg, 16) == expected
+
+
+def test_unet_and_phase2_flops_formula():
+  from kfjax.bench import throughput
+  cfg = config_lib.preset("smoke")  # U-Net 4 → 8 channels over 2 levels; PD 8 channels; ×2, K = 12
+  conv = lambda n, k, ci, co: 2 * n * n * k * k * ci * co
+  first = conv(24, 3, 3, 4)
+  unet = (first + conv(24, 3, 4, 4) + conv(12, 3, 4, 8) + conv(12, 3, 8, 8)  # down, bottom
+          + conv(24, 1, 8, 4) + conv(24, 3, 8, 4) + conv(24, 3, 4, 4)        # up
+          + conv(24, 1, 4, 3))                                               # out
+  assert throughput.unet_flops(cfg, 24, 24) == (unet, first)
+  assert throughput.unet_flops(cfg, 23, 23) == (unet, first)  # padded to a multiple of 2
+  downscale = 3 * conv(12, 12, 1, 1)  # 12² LR output, 12×12 kernel, one filter per colour channel
+  assert throughput.phase2_flops(cfg, 24) == (6 * unet - first + 2 * throughput.pd_flops(cfg, 24)
+                                              + 6 * downscale)

@@ -14,7 +14,9 @@ What is measured (``--what``, comma-separated):
   INR, losses, forward + backward + Adam) at HR size ``--hr_size``, compiled as the real
   sampler compiles it (one reverse step of ``--iters`` iterations), and the whole reverse
   process of one image (``n_iter_first + (num_steps-1)·n_iter`` iterations; estimated from
-  the per-iteration time, measured with ``--full_reverse``); memory of the compiled program.
+  the per-iteration time, measured with ``--full_reverse``); memory of the compiled program;
+  achieved FLOP/s and fraction of the matmul peak, for kfjax and the PyTorch reference, and
+  the fraction of peak that 1.5× the reference's speed would take.
 * ``scaling``: the Phase 2 iteration against HR size (``--sizes``), with whole-image PD
   and with PD applied to ``--pd_tile`` tiles, ``--pd_tile_batch`` at a time
   (rematerialised per tile batch, so PD's memory does not grow with the image).
@@ -25,11 +27,12 @@ With ``--torch`` (default when ``torch`` is importable) Phase 1 and Phase 2 are 
 timed with :mod:`kfjax.bench.torch_ref`, the same architectures and step in PyTorch eager,
 and reported as the speed ratio kfjax / PyTorch (> 1: kfjax is faster).
 
-FLOPs are counted analytically (:func:`pd_flops`): a convolution producing an
+FLOPs are counted analytically (:func:`pd_flops`, :func:`unet_flops`, :func:`phase2_flops`): a convolution producing an
 ``H_out × W_out × C_out`` map from ``C_in`` channels with a ``K × K`` kernel costs
 ``2·H_out·W_out·K²·C_in·C_out`` FLOPs forward, and forward + backward (input and weight
 gradients) three times that. Biases, activations and the optimiser are not counted.
-The count is cross-checked against XLA's ``compiled.cost_analysis()`` of one step.
+The count is cross-checked against XLA's ``compiled.cost_analysis()`` of one step (of one
+Phase 2 iteration's loss and gradients).
 """
 
 import json
@@ -47,6 +50,7 @@ from kfjax import config as config_lib
 from kfjax import ops
 from kfjax import sampler
 from kfjax import train_pd
+from kfjax.models import kernel_net
 from kfjax.models import pd as pd_lib
 
 FLAGS = flags.FLAGS
@@ -149,6 +153,42 @@ def pd_flops(cfg, crop, channels=CHANNELS):
     size -= 2
     total += conv_flops(size, size, 3, c, c) + conv_flops(size, size, 1, c, c)
   return total + conv_flops(size, size, 1, c, channels)
+
+
+def unet_flops(cfg, h, w, channels=CHANNELS):
+  """Forward convolution FLOPs of the U-Net on an ``h × w`` image, and of its first
+  convolution alone (sides padded to multiples of ``2**(levels-1)`` as the model pads)."""
+  u = cfg.unet
+  levels = int(u.levels)
+  m = 2 ** (levels - 1)
+  h, w = -(-h // m) * m, -(-w // m) * m
+  feats = [min(int(u.base_channels) * 2 ** i, int(u.max_channels)) for i in range(levels)]
+  first = conv_flops(h, w, 3, channels, feats[0])
+  total, c_in = 0, channels
+  for lvl, f in enumerate(feats):  # down path and bottom: two 3×3 convolutions per level
+    total += conv_flops(h >> lvl, w >> lvl, 3, c_in, f) + conv_flops(h >> lvl, w >> lvl, 3, f, f)
+    c_in = f
+  for lvl in reversed(range(levels - 1)):  # up path: 1×1 after ×2 upsampling, then a block
+    hh, ww, f = h >> lvl, w >> lvl, feats[lvl]
+    total += (conv_flops(hh, ww, 1, feats[lvl + 1], f) + conv_flops(hh, ww, 3, 2 * f, f)
+              + conv_flops(hh, ww, 3, f, f))
+  return total + conv_flops(h, w, 1, feats[0], channels), first
+
+
+def phase2_flops(cfg, hr_size, channels=CHANNELS):
+  """Convolution FLOPs of one Phase 2 iteration at ``hr_size``² (forward + backward).
+
+  Two U-Net applications, each forward + weight gradient + input gradient, except the
+  input gradient of the first application's first convolution (its input ``x0`` is a
+  constant); PD forward + input gradient (its weights are frozen); the two
+  ``(·*k)↓s`` of the losses with their image and kernel gradients. The kernel network
+  (a few MFLOP) and elementwise work are not counted.
+  """
+  scale = int(cfg.scale)
+  unet, first = unet_flops(cfg, hr_size, hr_size, channels)
+  out = -(-hr_size // scale)
+  downscale = conv_flops(out, out, sampler.kernel_size(cfg, scale), 1, 1) * channels
+  return 2 * 3 * unet - first + 2 * pd_flops(cfg, hr_size, channels) + 2 * 3 * downscale
 
 
 # -- Phase 1 ----------------------------------------------------------------------------------
@@ -264,8 +304,22 @@ def bench_phase2_jax(cfg, hr_size, iters, repeats, images=None):
   def run():
     jax.block_until_ready(chunk(state, lr, rng))
   per_iter = median_time(run, repeats) / iters
-  return dict(hr_size=hr_size, images=images or 1, compile_s=compile_s, iter_s=per_iter,
-              memory_bytes=memory_bytes(chunk), peak_rss_bytes=peak_rss_bytes())
+  out = dict(hr_size=hr_size, images=images or 1, compile_s=compile_s, iter_s=per_iter,
+             memory_bytes=memory_bytes(chunk), peak_rss_bytes=peak_rss_bytes())
+  if images is None:
+    flops = phase2_flops(cfg, hr_size)
+    out.update(flops_per_iter=flops, xla_flops_per_iter=_phase2_xla_flops(p2, state, lr),
+               flop_s=flops / per_iter)
+  return out
+
+
+def _phase2_xla_flops(p2, state, lr):
+  """XLA's FLOP count of one iteration's loss and gradients (outside the loops, whose
+  bodies XLA's cost analysis would count once regardless of the trip count)."""
+  t, s = p2.ts[0], p2.ts[1]
+  grad = ops.jit(jax.value_and_grad(
+      lambda p: p2._forward(p, state.x, state.x0, t, s, jnp.zeros_like(state.x), lr), has_aux=True))
+  return xla_flops(grad.lower(state.params).compile())
 
 
 def bench_full_reverse(preset, hr_size):
@@ -289,7 +343,12 @@ def bench_phase2_torch(cfg, hr_size, iters, repeats):
   cl = torch.channels_last
   pd = torch_ref.pd_from_config(cfg, CHANNELS).to(memory_format=cl)
   unet = torch_ref.unet_from_config(cfg, CHANNELS).to(memory_format=cl)
-  kernel = torch_ref.siren_from_config(cfg, sampler.kernel_size(cfg, scale))
+  # The kernel net starts where kfjax's does (e.g. the linear CNN's box), not at torch's
+  # default initialisation.
+  kernel = torch_ref.load_kernel(
+      torch_ref.kernel_from_config(cfg, sampler.kernel_size(cfg, scale), scale),
+      kernel_net.initial_params(sampler.make_kernel_net(cfg, scale), cfg.kernel, scale,
+                                jax.random.key(2)))
   rng = np.random.default_rng(0)
   shape = (1, CHANNELS, hr_size, hr_size)
   ts = sampler.timesteps(cfg)
@@ -345,8 +404,10 @@ def run_all(preset, what, use_torch):
     r["reverse_estimate_s"] = r["reverse_iterations"] * r["iter_s"]
     if FLAGS.full_reverse:
       r["reverse"] = bench_full_reverse(preset, FLAGS.hr_size)
+    r["peak_fraction"] = r["flop_s"] / peak
     if use_torch:
       r["torch"] = bench_phase2_torch(cfg, FLAGS.hr_size, FLAGS.iters, FLAGS.repeats)
+      r["torch"]["peak_fraction"] = r["flops_per_iter"] / r["torch"]["iter_s"] / peak
       r["speed_vs_torch"] = r["torch"]["iter_s"] / r["iter_s"]
     out["phase2"] = r
   if "scaling" in what:
@@ -396,6 +457,14 @@ def format_tables(r):
               f"| inner iteration | {p['hr_size']}² | {p['compile_s']:.1f} | {p['iter_s']:.4f} | "
               f"{p['reverse_estimate_s']:.1f} ({p['reverse_iterations']} it.) / {full} | {_mb(p['memory_bytes'])} | "
               f"{p['torch']['iter_s'] if 'torch' in p else float('nan'):.4f} | {p.get('speed_vs_torch', float('nan')):.2f}× |", ""]
+    # The ceiling: at the measured peak, how fast could an iteration be, and what would 1.5×
+    # the PyTorch reference take.
+    xla = "n/a" if p["xla_flops_per_iter"] is None else f"{p['xla_flops_per_iter'] / 1e9:.1f}"
+    t_peak = p["torch"]["peak_fraction"] if "torch" in p else float("nan")
+    lines += ["| Phase 2 FLOPs | GFLOP/iteration (XLA) | GFLOP/s | % peak | torch % peak | 1.5× torch needs % peak |",
+              "|---|---|---|---|---|---|",
+              f"| inner iteration | {p['flops_per_iter'] / 1e9:.1f} ({xla}) | {p['flop_s'] / 1e9:.1f} | "
+              f"{100 * p['peak_fraction']:.0f} | {100 * t_peak:.0f} | {150 * t_peak:.0f} |", ""]
   if "scaling" in r:
     lines += ["| HR size | PD | s/iteration | compiled memory | peak RSS so far |", "|---|---|---|---|---|"]
     for row in r["scaling"]:

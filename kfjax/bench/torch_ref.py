@@ -9,7 +9,8 @@ kfjax programs, in the same process, and reports the ratio. They mirror kfjax ex
 * :class:`UNet` — ``kfjax.models.unet`` (``upsample="bilinear"``): two 3×3 conv +
   BatchNorm (statistics of the batch given) + ReLU per block, max-pool down, bilinear up
   (half-pixel centres) then a 1×1 conv, skips, tanh.
-* :class:`SirenKernel` — the SIREN kernel INR with the leaky sigmoid, normalised.
+* :class:`SirenKernel` — the SIREN kernel INR with the leaky sigmoid, normalised;
+  :class:`LinearCNNKernel` — the deep linear CNN kernel net (the ``cpu`` preset's).
 * :func:`downscale` — ``kfjax.degrade.downscale`` (true convolution, symmetric borders).
 * :class:`Phase1Step` and :class:`Phase2Iteration` — one PD optimiser step (v-MSE on
   random crops, Adam, cosine learning rate) and one inner iteration of Phase 2 (U-Net
@@ -26,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kfjax.models import kernel_net
 
 HALO = 7
 LEAK = 1e-4
@@ -152,6 +155,30 @@ class SirenKernel(nn.Module):
     for layer in self.sines:
       h = torch.sin(self.omega * layer(h))
     k = ((1.0 + LEAK) * torch.sigmoid(self.out(h)[:, 0]) - LEAK).reshape(self.size, self.size)
+    return k / k.sum()
+
+
+class LinearCNNKernel(nn.Module):
+  """The K×K kernel of a deep linear CNN (``sizes``; 1 → channels → … → 1, no biases):
+  the stack of stride-1 correlations applied to a delta, placed in the K×K grid with the
+  field's centre at the grid centre, divided by its sum."""
+
+  def __init__(self, size, sizes, channels=32):
+    super().__init__()
+    self.size, self.sizes = size, tuple(sizes)
+    chans = [1] + [channels] * (len(self.sizes) - 1) + [1]
+    self.weights = nn.ParameterList([nn.Parameter(torch.zeros(chans[i + 1], chans[i], k, k))
+                                     for i, k in enumerate(self.sizes)])
+
+  def forward(self):
+    field = sum(self.sizes) - len(self.sizes) + 1
+    h = torch.zeros(1, 1, 2 * field - 1, 2 * field - 1)
+    h[0, 0, field - 1, field - 1] = 1.0
+    for w in self.weights:
+      h = F.conv2d(h, w)
+    d = (self.size - field) // 2
+    lo = self.size - field - d
+    k = F.pad(h[0, 0], (lo, d, lo, d))
     return k / k.sum()
 
 
@@ -351,6 +378,14 @@ def load_siren(model, variables):
   return model
 
 
+def load_linear_cnn(model, variables):
+  """Copy kfjax ``LinearCNNKernel`` parameters (``conv{i}``: (kh, kw, Ci, Co))."""
+  p = variables["params"]["cnn"]
+  for i, w in enumerate(model.weights):
+    w.data.copy_(_t(p[f"conv{i}"]).permute(3, 2, 0, 1))
+  return model
+
+
 def pd_from_config(cfg, channels):
   return PatchDiffusion(channels, cfg.pd.channels, cfg.pd.num_blocks, cfg.pd.emb_dim)
 
@@ -365,3 +400,21 @@ def unet_from_config(cfg, channels):
 def siren_from_config(cfg, size):
   k = cfg.kernel
   return SirenKernel(size, k.width, k.depth, k.omega)
+
+
+def kernel_from_config(cfg, size, scale):
+  """The preset's kernel network (``cfg.kernel.net``: ``inr`` or ``linear_cnn``)."""
+  net = cfg.kernel.get("net", "inr")
+  if net == "inr":
+    return siren_from_config(cfg, size)
+  if net == "linear_cnn":
+    sizes = tuple(cfg.kernel.get("cnn_sizes", ())) or kernel_net.linear_cnn_sizes(int(scale), size)
+    return LinearCNNKernel(size, sizes, int(cfg.kernel.get("cnn_channels", 32)))
+  raise NotImplementedError(f"the torch reference has no kernel.net {net!r}")
+
+
+def load_kernel(model, variables):
+  """Copy kfjax kernel-network parameters into :func:`kernel_from_config`'s module."""
+  if isinstance(model, LinearCNNKernel):
+    return load_linear_cnn(model, variables)
+  return load_siren(model, variables)
