@@ -61,7 +61,7 @@ def downscale(x, kernel, scale):
   # a stride-1 convolution with ceil(K/s)² taps (the kernel zero-padded to a multiple of
   # s and split by phase). Same sums as the strided K×K convolution, but XLA:CPU runs a
   # stride-1 convolution with several input features 2× faster, forward and backward
-  # (Phase 2's two calls, 256² → 128² at K = 12, value + both gradients: 6 vs 11-13 ms).
+  # (one Phase 2 call, 256² → 128² at K = 12, value + both gradients: 6 vs 11-13 ms).
   taps = -(-ksize // scale)
   kflip = jnp.pad(kernel[::-1, ::-1], ((0, taps * scale - ksize),) * 2)
   rhs = kflip.reshape(taps, scale, taps, scale).transpose(0, 2, 1, 3)
