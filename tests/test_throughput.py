@@ -434,7 +434,7 @@ def test_throughput_cli_smoke():
   # ``scaling`` runs the same function as ``phase2`` at other sizes; left out to save a compile.
   throughput.parse_for_tests(["--preset=smoke", "--steps=2", "--iters=2", "--repeats=1",
                               "--hr_size=24", "--images=2", "--peak_size=128", "--notorch"])
-  r = throughput.run_all("smoke", {"phase1", "phase2", "batch"}, use_torch=False)
+  r = throughput.run_all("smoke", {"phase1", "phase2", "batch", "parts"}, use_torch=False)
   p1 = r["phase1"]
   assert p1["step_s"] > 0 and p1["compile_s"] > 0 and 0 < p1["peak_fraction"]
   # The analytic FLOP count agrees with XLA's count of the same step within 10 %.
@@ -445,6 +445,17 @@ def test_throughput_cli_smoke():
   p2 = r["phase2"]
   assert p2["xla_flops_per_iter"] is None or 1.0 < p2["xla_flops_per_iter"] / p2["flops_per_iter"] < 1.25
   assert 0 < p2["peak_fraction"] and "| Phase 2 FLOPs |" in throughput.format_tables(r)
+  # Parts: every one timed, FLOPs from the same formulas.
+  parts = r["parts"]["rows"]
+  assert set(parts) == set(throughput.PARTS) and all(row["s"] > 0 for row in parts.values())
+  cfg = throughput.phase2_config("smoke", 2)
+  unet = throughput.unet_flops(cfg, 24, 24)[0]
+  assert [parts[k]["flops"] for k in ("unet_fwd", "unet_grad_x", "unet_grad_all")] == [unet, 2 * unet, 3 * unet]
+  assert parts["pd_grad_x"]["flops"] == 2 * throughput.pd_flops(cfg, 24)
+  assert "| unet_grad_all |" in throughput.format_tables(r)
+  if throughput.have_torch():
+    torch_parts = throughput.bench_parts_torch(cfg, 24, 1, 1)
+    assert set(torch_parts) == set(throughput.PARTS) and all(v["s"] > 0 for v in torch_parts.values())
   assert r["batch"][0]["images"] == 2 and r["batch"][0]["images_per_hour"] > 0
   assert "| Phase 1 |" in throughput.format_tables(r) and r["precision"] == "float32"
   throughput.parse_for_tests(["--preset=smoke", "--precision=bfloat16"])

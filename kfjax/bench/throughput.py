@@ -22,6 +22,10 @@ What is measured (``--what``, comma-separated):
   (rematerialised per tile batch, so PD's memory does not grow with the image).
 * ``batch``: images/hour against the number of same-size images vmapped through Phase 2
   together (``--images``), ``Phase2.make_chunk(steps, batch=N)``.
+* ``parts``: where a Phase 2 iteration's time goes, each part alone at ``--hr_size``
+  (inside a compiled loop, as in the sampler): the U-Net forward, forward + input gradient,
+  forward + all gradients; PD forward and forward + input gradient; the degradation with
+  both gradients. FLOPs, FLOP/s and % of peak per part, and the PyTorch reference's time.
 
 With ``--torch`` (default when ``torch`` is importable) Phase 1 and Phase 2 are also
 timed with :mod:`kfjax.bench.torch_ref`, the same architectures and step in PyTorch eager,
@@ -47,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kfjax import config as config_lib
+from kfjax import degrade
 from kfjax import ops
 from kfjax import sampler
 from kfjax import train_pd
@@ -58,7 +63,8 @@ flags.DEFINE_enum("preset", "cpu", ["cpu", "paper", "smoke"], "Configuration pre
 flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16"],
                   "Compute dtype of PD and the U-Net (config.precision); the PyTorch reference "
                   "stays float32, so no ratio is reported for bfloat16.")
-flags.DEFINE_list("what", ["phase1", "phase2", "scaling", "batch"], "Measurements to run.")
+flags.DEFINE_list("what", ["phase1", "phase2", "scaling", "batch"],
+                  "Measurements to run: phase1, phase2, scaling, batch, parts.")
 flags.DEFINE_integer("batch", 0, "Phase 1 crops per step (0: the preset's).")
 flags.DEFINE_integer("crop", 0, "Phase 1 crop size (0: the preset's).")
 flags.DEFINE_integer("steps", 10, "Phase 1 steps per timed chunk.")
@@ -364,6 +370,114 @@ def bench_phase2_torch(cfg, hr_size, iters, repeats):
   return dict(iter_s=median_time(run, repeats) / iters)
 
 
+# -- Phase 2, part by part ----------------------------------------------------------------
+
+PARTS = ("unet_fwd", "unet_grad_x", "unet_grad_all", "pd_fwd", "pd_grad_x", "downscale_grad")
+
+
+def _parts_setup(cfg, hr_size):
+  scale = int(cfg.scale)
+  ksize = sampler.kernel_size(cfg, scale)
+  unet = sampler.make_unet(cfg, CHANNELS)
+  model = train_pd.make_model(cfg, CHANNELS)
+  x = jnp.asarray(_image(hr_size, 5))
+  lr = jnp.asarray(_image(-(-hr_size // scale), 6))
+  unet_params = ops.jit(unet.init)(jax.random.key(0), x[None])
+  pd_params = ops.jit(lambda k: model.init(k, jnp.zeros((1, 16, 16, CHANNELS)), jnp.ones((1,))))(
+      jax.random.key(1))
+  kernel = jnp.full((ksize, ksize), 1.0 / ksize ** 2)
+  unet_f, first = unet_flops(cfg, hr_size, hr_size)
+  pd_f = pd_flops(cfg, hr_size)
+  out = -(-hr_size // scale)
+  down_f = conv_flops(out, out, ksize, 1, 1) * CHANNELS
+  t = jnp.full((1,), 100)
+  return dict(scale=scale, ksize=ksize, unet=unet, model=model, x=x, lr=lr,
+              unet_params=unet_params, pd_params=pd_params, kernel=kernel, t=t,
+              flops=dict(unet_fwd=unet_f, unet_grad_x=2 * unet_f, unet_grad_all=3 * unet_f,
+                         pd_fwd=pd_f, pd_grad_x=2 * pd_f, downscale_grad=3 * down_f))
+
+
+def _parts_jax(st):
+  """name -> scalar function of the HR image, one per part."""
+  unet, model = st["unet"], st["model"]
+  sq = lambda a: jnp.sum(a ** 2)
+  u = lambda p, x: sq(unet.apply(p, x[None], mutable=["batch_stats"])[0])
+  pd = lambda x: sq(pd_lib.apply_whole(model, st["pd_params"], x[None], st["t"]))
+  down = lambda x, k: sq(degrade.downscale(x, k, st["scale"]) - st["lr"])
+  total = lambda tree: sum(jnp.sum(leaf) for leaf in jax.tree.leaves(tree))
+  return dict(
+      unet_fwd=lambda x: u(st["unet_params"], x),
+      unet_grad_x=lambda x: total(jax.grad(u, argnums=1)(st["unet_params"], x)),
+      unet_grad_all=lambda x: total(jax.grad(u, argnums=(0, 1))(st["unet_params"], x)),
+      pd_fwd=pd,
+      pd_grad_x=lambda x: total(jax.grad(pd)(x)),
+      downscale_grad=lambda x: total(jax.grad(down, argnums=(0, 1))(x, st["kernel"])))
+
+
+def bench_parts_jax(cfg, hr_size, iters, repeats, peak):
+  """Seconds per call of each part, ``iters`` calls in one compiled loop."""
+  st = _parts_setup(cfg, hr_size)
+  rows = {}
+  for name, f in _parts_jax(st).items():
+    # Each call depends on the previous one, so XLA cannot hoist it out of the loop.
+    loop = ops.jit(lambda x, f=f: jax.lax.scan(
+        lambda c, _: (c + 1e-12 * f(x + 1e-12 * c), None), jnp.zeros(()), length=iters)[0])
+    loop(st["x"]).block_until_ready()
+    sec = median_time(lambda: loop(st["x"]).block_until_ready(), repeats) / iters
+    flops = st["flops"][name]
+    rows[name] = dict(s=sec, flops=flops, flop_s=flops / sec, peak_fraction=flops / sec / peak)
+  return rows
+
+
+def bench_parts_torch(cfg, hr_size, iters, repeats):
+  import torch
+  from kfjax.bench import torch_ref
+  st = _parts_setup(cfg, hr_size)
+  cl = torch.channels_last
+  unet = torch_ref.load_unet(torch_ref.unet_from_config(cfg, CHANNELS), st["unet_params"]).to(memory_format=cl)
+  pd = torch_ref.load_pd(torch_ref.pd_from_config(cfg, CHANNELS), st["pd_params"]).to(memory_format=cl)
+  for p in pd.parameters():
+    p.requires_grad_(False)
+  nchw = lambda a: torch.as_tensor(np.array(a)).permute(2, 0, 1)[None].contiguous(memory_format=cl)
+  x, lr = nchw(st["x"]), nchw(st["lr"])
+  halo = pd_lib.HALO
+  xp = torch_ref.pad_symmetric(x, halo, halo, halo, halo).contiguous(memory_format=cl)
+  kernel = torch.as_tensor(np.array(st["kernel"]))
+  t = torch.full((1,), 100)
+
+  def unet_grad(wrt_params):
+    xx = x.clone().requires_grad_(True)
+    unet.requires_grad_(wrt_params)
+    unet.zero_grad(set_to_none=True)
+    (unet(xx) ** 2).sum().backward()
+
+  def pd_grad():
+    xx = xp.clone().requires_grad_(True)
+    (pd(xx, t) ** 2).sum().backward()
+
+  def down_grad():
+    xx, kk = x.clone().requires_grad_(True), kernel.clone().requires_grad_(True)
+    ((torch_ref.downscale(xx, kk, st["scale"]) - lr) ** 2).sum().backward()
+
+  def no_grad(f):
+    def run():
+      with torch.no_grad():
+        f()
+    return run
+  parts = dict(unet_fwd=no_grad(lambda: unet(x)), unet_grad_x=lambda: unet_grad(False),
+               unet_grad_all=lambda: unet_grad(True), pd_fwd=no_grad(lambda: pd(xp, t)),
+               pd_grad_x=pd_grad, downscale_grad=down_grad)
+  rows = {}
+  for name, f in parts.items():
+    f()
+
+    def run(f=f):
+      for _ in range(iters):
+        f()
+    rows[name] = dict(s=median_time(run, repeats) / iters)
+  return rows
+
+
 # -- driver -----------------------------------------------------------------------------------
 
 def have_torch():
@@ -410,6 +524,15 @@ def run_all(preset, what, use_torch):
       r["torch"]["peak_fraction"] = r["flops_per_iter"] / r["torch"]["iter_s"] / peak
       r["speed_vs_torch"] = r["torch"]["iter_s"] / r["iter_s"]
     out["phase2"] = r
+  if "parts" in what:
+    _log("phase 2 parts")
+    cfg = phase2_config(preset, FLAGS.iters)
+    parts = bench_parts_jax(cfg, FLAGS.hr_size, FLAGS.iters, FLAGS.repeats, peak)
+    if use_torch:
+      for name, row in bench_parts_torch(cfg, FLAGS.hr_size, FLAGS.iters, FLAGS.repeats).items():
+        parts[name]["torch_s"] = row["s"]
+        parts[name]["speed_vs_torch"] = row["s"] / parts[name]["s"]
+    out["parts"] = dict(hr_size=FLAGS.hr_size, rows=parts)
   if "scaling" in what:
     rows = []
     for size in [int(s) for s in FLAGS.sizes]:
@@ -465,6 +588,14 @@ def format_tables(r):
               "|---|---|---|---|---|---|",
               f"| inner iteration | {p['flops_per_iter'] / 1e9:.1f} ({xla}) | {p['flop_s'] / 1e9:.1f} | "
               f"{100 * p['peak_fraction']:.0f} | {100 * t_peak:.0f} | {150 * t_peak:.0f} |", ""]
+  if "parts" in r:
+    lines += [f"| Phase 2 part ({r['parts']['hr_size']}²) | GFLOP | ms | GFLOP/s | % peak | torch ms | kfjax/torch |",
+              "|---|---|---|---|---|---|---|"]
+    for name, row in r["parts"]["rows"].items():
+      lines.append(f"| {name} | {row['flops'] / 1e9:.2f} | {1e3 * row['s']:.1f} | {row['flop_s'] / 1e9:.1f} | "
+                   f"{100 * row['peak_fraction']:.0f} | {1e3 * row.get('torch_s', float('nan')):.1f} | "
+                   f"{row.get('speed_vs_torch', float('nan')):.2f}× |")
+    lines.append("")
   if "scaling" in r:
     lines += ["| HR size | PD | s/iteration | compiled memory | peak RSS so far |", "|---|---|---|---|---|"]
     for row in r["scaling"]:
