@@ -138,10 +138,31 @@ def _fwd(x, w, weight_grad):
   return _conv_valid(x, w), (x, w)
 
 
+def _input_grad(g, w):
+  """``dx`` of a VALID convolution: the output gradient, zero-padded by ``k - 1``,
+  convolved with the flipped, in/out-swapped kernel; or, for few input channels
+  (``C_in <= 4``: the networks' first layers), one matrix product to the ``k·k·C_in``
+  tap contributions, scattered back by ``k²`` shifted adds (col2im). XLA:CPU runs a
+  convolution with so few output features slowly: 32 → 3 channels, 3×3, 268²: 13.6 vs
+  4.2-4.7 ms; 16 → 3 at 254²: 6.8 vs 2.3 ms."""
+  kh, kw, ci, _ = w.shape
+  if ci > 4 or kh * kw == 1:
+    return _conv(g, jnp.swapaxes(w[::-1, ::-1], 2, 3), ((kh - 1, kh - 1), (kw - 1, kw - 1)))
+  n, h, wd, _ = g.shape
+  dtype = jnp.result_type(g.dtype, w.dtype)
+  acc = jnp.promote_types(dtype, jnp.float32)  # bf16 sums in float32
+  taps = jnp.einsum("nhwo,abio->nhwabi", g, w, preferred_element_type=acc)
+  dx = jnp.zeros((n, h + kh - 1, wd + kw - 1, ci), acc)
+  for a in range(kh):
+    for b in range(kw):
+      dx = dx.at[:, a:a + h, b:b + wd].add(taps[:, :, :, a, b])
+  return dx.astype(dtype)
+
+
 def _bwd(weight_grad, res, g):
   x, w = res
   kh, kw = w.shape[:2]
-  dx = _conv(g, jnp.swapaxes(w[::-1, ::-1], 2, 3), ((kh - 1, kh - 1), (kw - 1, kw - 1)))
+  dx = _input_grad(g, w)
   if weight_grad == "dots":
     dw = _weight_grad_dots(x, g, kh, kw)
   else:

@@ -27,13 +27,15 @@ def _vjps(fn, x, w, g):
 
 
 # (kh, kw, H, W, N, Ci, Co): kernel sizes 1, 2, 3, 5 (and one non-square kernel),
-# non-square images, Ci != Co, batch > 1.
+# non-square images, Ci != Co, batch > 1; Ci <= 4 with k > 1 takes the col2im input gradient.
 CASES = [
     (1, 1, 6, 9, 2, 3, 5),
     (2, 2, 7, 5, 1, 4, 2),
     (3, 3, 9, 6, 3, 2, 7),
     (5, 5, 8, 11, 2, 3, 4),
     (3, 2, 6, 7, 2, 5, 1),
+    (3, 3, 10, 12, 1, 3, 32),  # a first layer: few input channels (dx by col2im)
+    (5, 3, 9, 8, 2, 1, 6),
 ]
 
 
