@@ -10,10 +10,12 @@ custom VJP that writes both gradients as plain forward convolutions in NHWC/HWIO
 which XLA runs at forward speed everywhere:
 
 * input gradient: the output gradient, zero-padded by ``k - 1``, convolved with the
-  kernel flipped in space and with its in/out channel axes swapped;
+  kernel flipped in space and with its in/out channel axes swapped (for ``C_in <= 4``,
+  one matrix product and ``k²`` shifted adds instead: :func:`_input_grad`);
 * weight gradient: a convolution over the spatial axes where the batch axis plays the
   role of the channel axis (``lhs = x`` as (C_in, H, W, N), ``rhs = g`` as
-  (H', W', N, C_out)), giving (C_in, k, k, C_out); or (``weight_grad="dots"``) one
+  (H', W', N, C_out)), giving (C_in, k, k, C_out), with the roles of ``x`` and ``g``
+  swapped when ``g`` has far fewer channels (:func:`_weight_grad_conv`); or (``weight_grad="dots"``) one
   grouped matrix product per kernel tap. The products were 2-5×
   faster for batches of crops while XLA:CPU ran convolutions through YNNPACK; with
   :func:`jit`'s options the convolution is faster for every network here (PD step at
@@ -116,7 +118,20 @@ def _weight_grad_dots(x, g, kh, kw):
 
 
 def _weight_grad_conv(x, g):
-  """``dw`` as a convolution over space with the batch axis as the channel axis."""
+  """``dw`` as a convolution over space with the batch axis as the channel axis.
+
+  One operand is transposed to channels-first: the input ``x`` (as ``lhs``), or, when the
+  output gradient ``g`` has far fewer channels, ``g`` zero-padded by ``k - 1`` (as ``lhs``,
+  with ``x`` as the window; the result comes out flipped in space). On XLA:CPU the
+  transposes cost about as much as the convolution: 32 → 16 channels, 3×3, 258²: 8.2 vs
+  10.6 ms; the 16 → 3 1×1 output layer: 0.29 vs 0.75 ms.
+  """
+  kh, kw = x.shape[1] - g.shape[1] + 1, x.shape[2] - g.shape[2] + 1
+  ci, co = x.shape[-1], g.shape[-1]
+  if (kh * kw > 1 and 2 * co <= ci) or (co <= 4 and 4 * co <= ci):
+    gp = jnp.pad(g, ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0)))
+    dw = _conv(jnp.transpose(gp, (3, 1, 2, 0)), jnp.transpose(x, (1, 2, 0, 3)))  # (Co, kh, kw, Ci)
+    return jnp.transpose(dw[:, ::-1, ::-1], (1, 2, 3, 0))
   dw = _conv(jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(g, (1, 2, 0, 3)))  # (Ci, kh, kw, Co)
   return jnp.transpose(dw, (1, 2, 0, 3))
 
