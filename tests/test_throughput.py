@@ -117,6 +117,25 @@ def test_unet_pool_and_upsample_match_plain_ops():
     np.testing.assert_allclose(np.asarray(grad), np.asarray(grad_ref), atol=1e-12)
 
 
+def test_unet_conv_before_upsampling_is_the_same_function():
+  """The U-Net applies its 1×1 up-convolution before the bilinear ×2 step instead of after:
+  the same values and gradients (input and parameters, bias included; float64). The PyTorch
+  reference keeps the paper's order and is compared with the whole U-Net below."""
+  from kfjax.models import unet as unet_mod
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(1, 6, 5, 8)))
+    conv = ops.Conv(4, (1, 1), param_dtype=jnp.float64)
+    params = _perturb(conv.init(_key(0), x), 1)
+    wts = jnp.asarray(rng.normal(size=(1, 12, 10, 4)))
+    loss = lambda f: jax.value_and_grad(lambda p, a: jnp.sum(jnp.sin(f(p, a)) * wts), (0, 1))
+    val, grads = loss(lambda p, a: unet_mod._bilinear2x(conv.apply(p, a)))(params, x)
+    ref, grads_ref = loss(lambda p, a: conv.apply(p, unet_mod._bilinear2x(a)))(params, x)
+    np.testing.assert_allclose(float(val), float(ref), rtol=1e-12)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-12)
+
+
 def test_ops_jit_compiler_options(monkeypatch):
   """On CPU ``ops.jit`` keeps convolutions away from YNNPACK, computes what ``jax.jit``
   computes, and leaves the choice to ``XLA_FLAGS`` when the user made one."""

@@ -111,7 +111,10 @@ class UNet(nn.Module):
     hcur = _Block(feats[-1], self.dtype)(hcur)
     for f, skip in zip(reversed(feats[:-1]), reversed(skips)):
       if self.upsample == "bilinear":
-        hcur = ops.Conv(f, (1, 1), dtype=self.dtype)(_bilinear2x(hcur))
+        # Bilinear upsampling then a 1×1 conv, computed in the other order: the upsampling
+        # acts on each channel with weights summing to 1, so it commutes with the conv
+        # (bias included), which then runs on a quarter of the pixels.
+        hcur = _bilinear2x(ops.Conv(f, (1, 1), dtype=self.dtype)(hcur))
       else:
         hcur = _upsample(ops.Conv(4 * f, (1, 1), dtype=self.dtype)(hcur))
       hcur = _Block(f, self.dtype)(jnp.concatenate([hcur, skip], axis=-1))
