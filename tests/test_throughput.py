@@ -3,7 +3,9 @@
 * ``ops.conv2d(..., "dots")`` (grouped-product weight gradient, padded forward) against
   ``jax.grad`` of ``lax.conv_general_dilated``;
 * the U-Net's reshape max-pool and sliced bilinear upsampling against ``nn.max_pool`` and
-  the gather formulation; ``ops.jit``'s XLA:CPU compiler options;
+  the gather formulation, its 1×1 conv before the upsampling against after it;
+  ``ops.jit``'s XLA:CPU compiler options (``ops.conv2d``'s col2im input gradient and swapped
+  weight gradient are in ``test_ops.py``, the polyphase degradation in ``test_degrade.py``);
 * Phase 2 with tiled PD against whole-image PD (loss and gradients of one iteration);
 * ``Phase2.make_chunk(steps, batch=N)`` against the images run one by one, tracing once;
 * ``sample.num_samples = N``: ``run_phase2``'s samples (vmapped, or one after another)
@@ -12,7 +14,7 @@
   (skipped without torch);
 * ``precision = "bfloat16"``: PD and the U-Net against float32 (bf16 accuracy, float32
   parameters and gradients), and both phases end to end;
-* ``kfjax.bench.throughput`` end to end at smoke shapes.
+* ``kfjax.bench.throughput`` end to end at smoke shapes, and its FLOP formulas.
 """
 
 import jax
