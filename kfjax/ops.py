@@ -159,7 +159,7 @@ def _input_grad(g, w):
   (``C_in <= 4``: the networks' first layers), one matrix product to the ``k·k·C_in``
   tap contributions, scattered back by ``k²`` shifted adds (col2im). XLA:CPU runs a
   convolution with so few output features slowly: 32 → 3 channels, 3×3, 268²: 13.6 vs
-  4.2-4.7 ms; 16 → 3 at 254²: 6.8 vs 2.3 ms."""
+  4.2-4.7 ms; 16 → 3 at 254²: 6.8 vs 2.3 ms (measured with another job running)."""
   kh, kw, ci, _ = w.shape
   if ci > 4 or kh * kw == 1:
     return _conv(g, jnp.swapaxes(w[::-1, ::-1], 2, 3), ((kh - 1, kh - 1), (kw - 1, kw - 1)))
