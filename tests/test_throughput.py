@@ -500,7 +500,7 @@ def test_unet_and_phase2_flops_formula():
   conv = lambda n, k, ci, co: 2 * n * n * k * k * ci * co
   first = conv(24, 3, 3, 4)
   unet = (first + conv(24, 3, 4, 4) + conv(12, 3, 4, 8) + conv(12, 3, 8, 8)  # down, bottom
-          + conv(24, 1, 8, 4) + conv(24, 3, 8, 4) + conv(24, 3, 4, 4)        # up
+          + conv(12, 1, 8, 4) + conv(24, 3, 8, 4) + conv(24, 3, 4, 4)        # up (1×1 at 12²)
           + conv(24, 1, 4, 3))                                               # out
   assert throughput.unet_flops(cfg, 24, 24) == (unet, first)
   assert throughput.unet_flops(cfg, 23, 23) == (unet, first)  # padded to a multiple of 2

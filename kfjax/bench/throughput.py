@@ -174,9 +174,11 @@ def unet_flops(cfg, h, w, channels=CHANNELS):
   for lvl, f in enumerate(feats):  # down path and bottom: two 3×3 convolutions per level
     total += conv_flops(h >> lvl, w >> lvl, 3, c_in, f) + conv_flops(h >> lvl, w >> lvl, 3, f, f)
     c_in = f
-  for lvl in reversed(range(levels - 1)):  # up path: 1×1 after ×2 upsampling, then a block
+  # Up path: a 1×1 conv at the coarser level (kfjax runs it before the ×2 bilinear step; the
+  # "transpose" upsampling's 1×1 to 4·f channels costs the same), then a block.
+  for lvl in reversed(range(levels - 1)):
     hh, ww, f = h >> lvl, w >> lvl, feats[lvl]
-    total += (conv_flops(hh, ww, 1, feats[lvl + 1], f) + conv_flops(hh, ww, 3, 2 * f, f)
+    total += (conv_flops(hh // 2, ww // 2, 1, feats[lvl + 1], f) + conv_flops(hh, ww, 3, 2 * f, f)
               + conv_flops(hh, ww, 3, f, f))
   return total + conv_flops(h, w, 1, feats[0], channels), first
 
