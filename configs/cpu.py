@@ -11,7 +11,8 @@ Measured (2-core CPU, jax 0.10.2, examples/chelsea_x2_lr.png, 128×128 RGB at ×
 running): 5 min 43 s wall, Phase 1 37 s, Phase 2 304 s, 1.5 GB peak RSS; SR 28.2 dB, kernel
 NCC 0.86 (bicubic 31.1 dB). On the ``photos3x3`` suite blind SR is 0.4 dB below bicubic on
 average, non-blind 1.3 dB above (README "Evidence", BENCHMARKS.md). On a VM with half that
-matmul peak (2026-11-30): 8 min 29 s before ``ops.jit``'s XLA:CPU options, 7 min 10 s with them.
+matmul peak (2026-11-30): 8 min 29 s before ``ops.jit``'s XLA:CPU options, 7 min 10 s with them,
+6 min 20 s with the later Phase 2 work (BENCHMARKS.md, "Throughput").
 """
 
 from kfjax import config
