@@ -393,7 +393,7 @@ def _parts_setup(cfg, hr_size):
   out = -(-hr_size // scale)
   down_f = conv_flops(out, out, ksize, 1, 1) * CHANNELS
   t = jnp.full((1,), 100)
-  return dict(scale=scale, ksize=ksize, unet=unet, model=model, x=x, lr=lr,
+  return dict(scale=scale, unet=unet, model=model, x=x, lr=lr,
               unet_params=unet_params, pd_params=pd_params, kernel=kernel, t=t,
               flops=dict(unet_fwd=unet_f, unet_grad_x=2 * unet_f, unet_grad_all=3 * unet_f,
                          pd_fwd=pd_f, pd_grad_x=2 * pd_f, downscale_grad=3 * down_f))
