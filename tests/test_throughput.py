@@ -461,10 +461,11 @@ def test_throughput_cli_smoke():
   # The analytic FLOP count agrees with XLA's count of the same step within 10 %.
   assert p1["xla_flops_per_step"] is None or abs(p1["xla_flops_per_step"] / p1["flops_per_step"] - 1) < 0.1
   assert r["phase2"]["iter_s"] > 0 and r["phase2"]["reverse_iterations"] == 3 + 3 * 2
-  # Phase 2's convolution count against XLA's count of the whole iteration (elementwise work
-  # included: ~14 % more at these tiny shapes, 2 % at the cpu preset's 256²).
+  # Phase 2's convolution count against XLA's count of the whole iteration, which includes
+  # elementwise work (BatchNorm, col2im's adds, ...): ~38 % more at these 4-8-channel shapes,
+  # 4 % at the cpu preset's 256². A missing backward pass would be 2-3×.
   p2 = r["phase2"]
-  assert p2["xla_flops_per_iter"] is None or 1.0 < p2["xla_flops_per_iter"] / p2["flops_per_iter"] < 1.25
+  assert p2["xla_flops_per_iter"] is None or 1.0 < p2["xla_flops_per_iter"] / p2["flops_per_iter"] < 1.6
   assert 0 < p2["peak_fraction"] and "| Phase 2 FLOPs |" in throughput.format_tables(r)
   # Parts: every one timed, FLOPs from the same formulas.
   parts = r["parts"]["rows"]
