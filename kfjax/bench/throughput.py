@@ -183,6 +183,13 @@ def unet_flops(cfg, h, w, channels=CHANNELS):
   return total + conv_flops(h, w, 1, feats[0], channels), first
 
 
+def downscale_flops(cfg, hr_size, channels=CHANNELS):
+  """Forward FLOPs of one ``(x*k)↓s`` of an ``hr_size``² image (one filter per channel)."""
+  scale = int(cfg.scale)
+  out = -(-hr_size // scale)
+  return conv_flops(out, out, sampler.kernel_size(cfg, scale), 1, 1) * channels
+
+
 def phase2_flops(cfg, hr_size, channels=CHANNELS):
   """Convolution FLOPs of one Phase 2 iteration at ``hr_size``² (forward + backward).
 
@@ -192,11 +199,9 @@ def phase2_flops(cfg, hr_size, channels=CHANNELS):
   ``(·*k)↓s`` of the losses with their image and kernel gradients. The kernel network
   (a few MFLOP) and elementwise work are not counted.
   """
-  scale = int(cfg.scale)
   unet, first = unet_flops(cfg, hr_size, hr_size, channels)
-  out = -(-hr_size // scale)
-  downscale = conv_flops(out, out, sampler.kernel_size(cfg, scale), 1, 1) * channels
-  return 2 * 3 * unet - first + 2 * pd_flops(cfg, hr_size, channels) + 2 * 3 * downscale
+  return (2 * 3 * unet - first + 2 * pd_flops(cfg, hr_size, channels)
+          + 2 * 3 * downscale_flops(cfg, hr_size, channels))
 
 
 # -- Phase 1 ----------------------------------------------------------------------------------
@@ -284,13 +289,18 @@ def reverse_iterations(preset):
   return int(s.n_iter_first) + (int(s.num_steps) - 1) * int(s.n_iter)
 
 
+def _init_pd(model):
+  """Freshly initialised PD parameters (the benchmarks time PD, not its training)."""
+  return ops.jit(lambda k: model.init(k, jnp.zeros((1, 16, 16, CHANNELS)), jnp.ones((1,))))(
+      jax.random.key(1))
+
+
 def _phase2_setup(cfg, hr_size, images=None):
   scale = int(cfg.scale)
   lr_side = hr_size // scale
   model = train_pd.make_model(cfg, CHANNELS)
   sched = train_pd.make_schedule(cfg)
-  pd_params = ops.jit(lambda k: model.init(k, jnp.zeros((1, 16, 16, CHANNELS)), jnp.ones((1,))))(
-      jax.random.key(1))
+  pd_params = _init_pd(model)
   p2 = sampler.Phase2(cfg, model, pd_params, sched, (lr_side, lr_side, CHANNELS), scale)
   if images is None:
     lr = jnp.asarray(_image(lr_side, 2))
@@ -385,13 +395,11 @@ def _parts_setup(cfg, hr_size):
   x = jnp.asarray(_image(hr_size, 5))
   lr = jnp.asarray(_image(-(-hr_size // scale), 6))
   unet_params = ops.jit(unet.init)(jax.random.key(0), x[None])
-  pd_params = ops.jit(lambda k: model.init(k, jnp.zeros((1, 16, 16, CHANNELS)), jnp.ones((1,))))(
-      jax.random.key(1))
+  pd_params = _init_pd(model)
   kernel = jnp.full((ksize, ksize), 1.0 / ksize ** 2)
-  unet_f, first = unet_flops(cfg, hr_size, hr_size)
+  unet_f, _ = unet_flops(cfg, hr_size, hr_size)
   pd_f = pd_flops(cfg, hr_size)
-  out = -(-hr_size // scale)
-  down_f = conv_flops(out, out, ksize, 1, 1) * CHANNELS
+  down_f = downscale_flops(cfg, hr_size)
   t = jnp.full((1,), 100)
   return dict(scale=scale, unet=unet, model=model, x=x, lr=lr,
               unet_params=unet_params, pd_params=pd_params, kernel=kernel, t=t,
