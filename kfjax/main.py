@@ -42,7 +42,7 @@ def main(argv):
     _fail("--image is required")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   # Imported here so that --help and flag errors do not pay for importing JAX.
-  from kfjax import pipeline
+  from kfjax import ops, pipeline
   try:
     cfg = _CONFIG.value
     cfg.name  # a file that failed to load raises on first attribute access
@@ -54,6 +54,7 @@ def main(argv):
   stem = os.path.splitext(os.path.basename(_IMAGE.value))[0] or "image"
   workdir = _WORKDIR.value or os.path.join("kfjax_out", stem)
   try:
+    ops.conv_backward()  # a bad KFJAX_CONV_BACKWARD fails before any work
     pipeline.run(_IMAGE.value, cfg, workdir, kernel_path=_KERNEL.value,
                  show_progress=not _QUIET.value, method=_METHOD.value)
   except KfjaxError as e:

@@ -29,6 +29,9 @@ into a small output (the weight gradient as one matrix product) runs on one core
 :func:`_weight_grad_dots` splits the contraction into groups. ``kfjax.bench.throughput``
 measures the effect.
 
+All of this is about XLA:CPU: off the CPU backend :func:`conv2d` is the plain convolution
+with XLA's own gradients (:func:`conv_backward`; ``KFJAX_CONV_BACKWARD`` overrides).
+
 Only stride 1 and VALID padding; ``Conv`` below pads explicitly for SAME.
 ``tests/test_ops.py`` and ``tests/test_throughput.py`` check both gradients against
 ``jax.grad`` of the plain op.
@@ -43,6 +46,8 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from kfjax.errors import KfjaxError
 
 # XLA:CPU hands convolutions to YNNPACK by default; on this project's CPU YNNPACK runs
 # them 1.5-2× slower than XLA's own (Eigen) convolutions (3×3, 32 channels, 266² image:
@@ -136,20 +141,48 @@ def _weight_grad_conv(x, g):
   return jnp.transpose(dw, (1, 2, 0, 3))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+BACKWARDS = ("custom", "native")
+BACKWARD_ENV = "KFJAX_CONV_BACKWARD"
+
+
+def conv_backward():
+  """How :func:`conv2d` is differentiated: ``"custom"`` (this module's VJP) on the CPU
+  backend, ``"native"`` (XLA's own convolution gradients: cuDNN's backward kernels on
+  GPU, the TPU's) elsewhere. The VJP exists for XLA:CPU's slow backward convolutions;
+  its formulations (a weight gradient whose window is the whole image, col2im) are
+  unmeasured on accelerators, where the native gradients are the well-trodden path.
+  ``KFJAX_CONV_BACKWARD=custom|native`` overrides the choice (``auto`` or unset: the
+  default); it is read when a program is traced, so set it before the first call.
+  """
+  mode = os.environ.get(BACKWARD_ENV, "auto") or "auto"
+  if mode == "auto":
+    return "custom" if jax.default_backend() == "cpu" else "native"
+  if mode not in BACKWARDS:
+    raise KfjaxError(f"{BACKWARD_ENV} must be auto, custom or native, got {mode!r}")
+  return mode
+
+
 def conv2d(x, w, weight_grad="conv"):
   """VALID, stride-1 convolution (cross-correlation) of ``x`` (N,H,W,Ci) with ``w`` (kh,kw,Ci,Co).
 
-  ``weight_grad`` picks how the weight gradient is computed: ``"conv"`` (a convolution,
-  best for few large images, e.g. the U-Net) or ``"dots"`` (grouped matrix products,
-  best for batches of many-channel crops, e.g. PD training); both give the same numbers.
+  Differentiated per :func:`conv_backward`. With the custom VJP, ``weight_grad`` picks how
+  the weight gradient is computed: ``"conv"`` (a convolution, best for few large images,
+  e.g. the U-Net) or ``"dots"`` (grouped matrix products, best for batches of
+  many-channel crops, e.g. PD training); both give the same numbers.
   """
+  if weight_grad not in WEIGHT_GRADS:
+    raise ValueError(f"weight_grad must be one of {WEIGHT_GRADS}, got {weight_grad!r}")
+  if conv_backward() == "native":
+    return _conv(x, w)
+  return _conv2d_custom(x, w, weight_grad)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv2d_custom(x, w, weight_grad):
   return _fwd(x, w, weight_grad)[0]
 
 
 def _fwd(x, w, weight_grad):
-  if weight_grad not in WEIGHT_GRADS:
-    raise ValueError(f"weight_grad must be one of {WEIGHT_GRADS}, got {weight_grad!r}")
   return _conv_valid(x, w), (x, w)
 
 
@@ -185,7 +218,7 @@ def _bwd(weight_grad, res, g):
   return dx, dw.astype(w.dtype)
 
 
-conv2d.defvjp(_fwd, _bwd)
+_conv2d_custom.defvjp(_fwd, _bwd)
 
 
 def _general(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,

@@ -15,9 +15,9 @@ from kfjax import io as kio
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
-def _cli(*args, cwd=None):
+def _cli(*args, cwd=None, env=None):
   return subprocess.run([sys.executable, "-m", "kfjax.main", *args], capture_output=True,
-                        text=True, env=ENV, cwd=cwd, timeout=600)
+                        text=True, env={**ENV, **(env or {})}, cwd=cwd, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +122,11 @@ def test_bad_input_gives_one_clear_line(tmp_path, lr_png, args, needle):
   assert "Traceback" not in res.stderr, res.stderr[-2000:]
   assert needle in res.stderr, res.stderr[-2000:]
   assert not os.path.exists(tmp_path / "wd" / "sr.png")
+
+
+def test_bad_conv_backward_env_gives_one_clear_line(tmp_path, lr_png):
+  res = _cli("--image", lr_png[0], "--config", "smoke", "--workdir", str(tmp_path / "wd"),
+             "--quiet", env={"KFJAX_CONV_BACKWARD": "cudnn"})
+  assert res.returncode == 2
+  assert "Traceback" not in res.stderr, res.stderr[-2000:]
+  assert "KFJAX_CONV_BACKWARD must be auto, custom or native" in res.stderr

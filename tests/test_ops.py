@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from kfjax import ops
+from kfjax.errors import KfjaxError
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -110,3 +111,64 @@ def test_conv_module_rejects_unsupported(kwargs):
   x = jnp.ones((1, 8, 8, 4))
   with pytest.raises(NotImplementedError):
     jax.eval_shape(ops.Conv(4, (3, 3), **kwargs).init, jax.random.PRNGKey(0), x)
+
+
+# -- which gradients: the custom VJP on CPU, XLA's own elsewhere ------------------------------
+
+def _has_custom_vjp(fn, *args):
+  # A new function object each time: tracing is cached per function, not per mode.
+  return "custom_vjp_call" in str(jax.make_jaxpr(lambda *a: fn(*a))(*args))
+
+
+def test_conv_backward_choice(monkeypatch):
+  x, wt = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 2))
+  monkeypatch.delenv(ops.BACKWARD_ENV, raising=False)
+  assert jax.default_backend() == "cpu" and ops.conv_backward() == "custom"
+  assert _has_custom_vjp(ops.conv2d, x, wt)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert ops.conv_backward() == "native"
+  assert not _has_custom_vjp(ops.conv2d, x, wt)
+  monkeypatch.setenv(ops.BACKWARD_ENV, "custom")  # the override wins on any backend
+  assert ops.conv_backward() == "custom" and _has_custom_vjp(ops.conv2d, x, wt)
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  monkeypatch.setenv(ops.BACKWARD_ENV, "native")
+  assert ops.conv_backward() == "native" and not _has_custom_vjp(ops.conv2d, x, wt)
+  monkeypatch.setenv(ops.BACKWARD_ENV, "auto")
+  assert ops.conv_backward() == "custom"
+  monkeypatch.setenv(ops.BACKWARD_ENV, "cudnn")
+  with pytest.raises(KfjaxError, match="KFJAX_CONV_BACKWARD"):
+    ops.conv2d(x, wt)
+
+
+def test_networks_same_with_native_gradients(x64, monkeypatch):
+  """The U-Net and PD (what an accelerator runs, with XLA's gradients) compute the same
+  values and gradients as with the custom VJP (what the CPU runs), in float64."""
+  from kfjax.models import pd as pd_lib
+  from kfjax.models import unet as unet_lib
+  rng = np.random.default_rng(7)
+  unet = unet_lib.UNet(out_channels=3, base_channels=4, levels=2, max_channels=8,
+                       dtype=jnp.float64)
+  pd = pd_lib.PatchDiffusion(channels=6, num_blocks=2, emb_dim=8, dtype=jnp.float64)
+  x = jnp.asarray(rng.uniform(-1, 1, (1, 10, 12, 3)))
+  xp = pd_lib.pad_halo(x)
+  t = jnp.full((1,), 300.0)
+  f64 = lambda tree: jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), tree)
+  unet_p = f64(jax.eval_shape(unet.init, jax.random.PRNGKey(0), x))
+  pd_p = f64(jax.eval_shape(pd.init, jax.random.PRNGKey(0), xp, t))
+
+  def value_and_grads():
+    u = lambda p, a: jnp.sum(jnp.sin(3 * unet.apply(p, a, mutable=["batch_stats"])[0]))
+    v = lambda p, a: jnp.sum(jnp.sin(pd.apply(p, a, t)))
+    # A new function object per call, so that jit traces again under the current mode.
+    return jax.jit(lambda up, pp, a, b: (jax.value_and_grad(u, (0, 1))(up, a),
+                                         jax.value_and_grad(v, (0, 1))(pp, b)))(
+                                             unet_p, pd_p, x, xp)
+
+  monkeypatch.setenv(ops.BACKWARD_ENV, "custom")
+  custom = value_and_grads()
+  monkeypatch.setenv(ops.BACKWARD_ENV, "native")
+  native = value_and_grads()
+  leaves_c, leaves_n = jax.tree.leaves(custom), jax.tree.leaves(native)
+  assert len(leaves_c) == len(leaves_n) > 10
+  for a, b in zip(leaves_c, leaves_n):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-10)

@@ -480,6 +480,7 @@ def test_throughput_cli_smoke():
     assert set(torch_parts) == set(throughput.PARTS) and all(v["s"] > 0 for v in torch_parts.values())
   assert r["batch"][0]["images"] == 2 and r["batch"][0]["images_per_hour"] > 0
   assert "| Phase 1 |" in throughput.format_tables(r) and r["precision"] == "float32"
+  assert r["conv_backward"] == "custom" and "conv gradients: custom" in throughput.format_tables(r)
   throughput.parse_for_tests(["--preset=smoke", "--precision=bfloat16"])
   assert throughput.preset_config("smoke").precision == "bfloat16"
   assert throughput.phase2_config("smoke", 2).precision == "bfloat16"

@@ -31,6 +31,10 @@ With ``--torch`` (default when ``torch`` is importable) Phase 1 and Phase 2 are 
 timed with :mod:`kfjax.bench.torch_ref`, the same architectures and step in PyTorch eager,
 and reported as the speed ratio kfjax / PyTorch (> 1: kfjax is faster).
 
+``--conv_backward custom|native`` picks the convolution gradients being timed: kfjax's
+custom VJP (:func:`kfjax.ops.conv2d`, the default on CPU) or XLA's own (the default on
+accelerators, where the custom one is unmeasured); ``launch/device_check.sh`` times both.
+
 FLOPs are counted analytically (:func:`pd_flops`, :func:`unet_flops`, :func:`phase2_flops`): a convolution producing an
 ``H_out × W_out × C_out`` map from ``C_in`` channels with a ``K × K`` kernel costs
 ``2·H_out·W_out·K²·C_in·C_out`` FLOPs forward, and forward + backward (input and weight
@@ -40,6 +44,7 @@ Phase 2 iteration's loss and gradients).
 """
 
 import json
+import os
 import resource
 import sys
 import time
@@ -63,6 +68,9 @@ flags.DEFINE_enum("preset", "cpu", ["cpu", "paper", "smoke"], "Configuration pre
 flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16"],
                   "Compute dtype of PD and the U-Net (config.precision); the PyTorch reference "
                   "stays float32, so no ratio is reported for bfloat16.")
+flags.DEFINE_enum("conv_backward", "auto", ["auto", "custom", "native"],
+                  "Convolution gradients (ops.conv_backward): auto = kfjax's custom VJP on CPU, "
+                  "XLA's own elsewhere; sets KFJAX_CONV_BACKWARD for this run.")
 flags.DEFINE_list("what", ["phase1", "phase2", "scaling", "batch"],
                   "Measurements to run: phase1, phase2, scaling, batch, parts.")
 flags.DEFINE_integer("batch", 0, "Phase 1 crops per step (0: the preset's).")
@@ -505,7 +513,8 @@ def _log(msg):
 def run_all(preset, what, use_torch):
   """Every requested measurement, as one dict (progress on stderr)."""
   out = {"preset": preset, "precision": FLAGS.precision, "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
-         "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), "torch": None}
+         "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), "torch": None,
+         "conv_backward": ops.conv_backward()}
   if use_torch:
     import torch
     out["torch"] = torch.__version__
@@ -571,7 +580,8 @@ def _mb(b):
 
 def format_tables(r):
   """Markdown tables of a :func:`run_all` result."""
-  lines = [f"preset `{r['preset']}` ({r.get('precision', 'float32')}), {r['device']}, jax {r['jax']}, torch {r['torch']}, {r['date']}",
+  lines = [f"preset `{r['preset']}` ({r.get('precision', 'float32')}), {r['device']}, jax {r['jax']}, torch {r['torch']}, {r['date']}, "
+           f"conv gradients: {r.get('conv_backward', 'custom')}",
            f"matmul peak (float32 {FLAGS.peak_size}² jnp.dot): {r['matmul_peak_flop_s'] / 1e9:.1f} GFLOP/s", ""]
   if "phase1" in r:
     p = r["phase1"]
@@ -631,6 +641,8 @@ def parse_for_tests(argv):
 
 def main(argv):
   del argv
+  if FLAGS.conv_backward != "auto":
+    os.environ[ops.BACKWARD_ENV] = FLAGS.conv_backward
   use_torch = FLAGS.torch and have_torch() and FLAGS.precision == "float32"
   if FLAGS.torch and FLAGS.precision != "float32":
     print("--precision bfloat16: the PyTorch reference is float32 only, no ratio", file=sys.stderr)
