@@ -487,6 +487,27 @@ def test_throughput_cli_smoke():
   throughput.parse_for_tests([])  # back to the defaults for any later test
 
 
+def test_torch_reference_device(monkeypatch):
+  """``--torch_device``: auto is the CPU here and CUDA when JAX runs on a GPU that torch
+  sees; the PyTorch benchmarks make their tensors on that device."""
+  torch = pytest.importorskip("torch")
+  from kfjax.bench import throughput
+  throughput.parse_for_tests([])
+  assert throughput.torch_device() == "cpu"
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+  assert throughput.torch_device() == "cuda"
+  throughput.parse_for_tests(["--torch_device=cpu"])
+  assert throughput.torch_device() == "cpu"
+  throughput.parse_for_tests([])
+  # "meta" stands in for a GPU: no data, but every tensor made inside says where it is.
+  monkeypatch.setattr(throughput, "torch_device", lambda: "meta")
+  made = throughput._on_torch_device(lambda: (torch.zeros(2), torch.tensor(np.ones(2)),
+                                              torch.nn.Linear(2, 2).weight))()
+  assert all(t.device.type == "meta" for t in made)
+  assert torch.zeros(2).device.type == "cpu"  # only inside
+
+
 def test_pd_flops_formula():
   from kfjax.bench import throughput
   cfg = config_lib.preset("smoke")  # 8 channels, 5 blocks, crop 16 (input 30)

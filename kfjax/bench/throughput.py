@@ -43,6 +43,7 @@ The count is cross-checked against XLA's ``compiled.cost_analysis()`` of one ste
 Phase 2 iteration's loss and gradients).
 """
 
+import functools
 import json
 import os
 import resource
@@ -86,6 +87,9 @@ flags.DEFINE_integer("pd_tile", 64, "PD tile size for the tiled column of the sc
 flags.DEFINE_integer("pd_tile_batch", 4, "PD tiles per batch in the tiled column.")
 flags.DEFINE_integer("scaling_iters", 2, "Phase 2 iterations per timed program in the scaling table.")
 flags.DEFINE_list("images", ["1", "2", "4"], "Numbers of images vmapped through Phase 2 together.")
+flags.DEFINE_enum("torch_device", "auto", ["auto", "cpu", "cuda"],
+                  "Where the PyTorch reference runs: auto = CUDA when JAX runs on a GPU and torch "
+                  "sees one, else the CPU.")
 flags.DEFINE_bool("torch", True, "Time the PyTorch eager reference too (skipped if torch is absent).")
 flags.DEFINE_integer("peak_size", 2048, "Matrix side for the matmul-peak measurement.")
 flags.DEFINE_bool("json", False, "Print one JSON document instead of tables.")
@@ -263,6 +267,34 @@ def bench_phase1_jax(cfg, steps, repeats, peak):
               peak_fraction=flops / per_step / peak)
 
 
+def torch_device():
+  """``--torch_device`` with ``auto`` resolved (``cpu`` before flags are parsed)."""
+  import torch
+  dev = FLAGS.torch_device if FLAGS.is_parsed() else "auto"
+  if dev == "auto":
+    dev = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+  return dev
+
+
+def _on_torch_device(bench):
+  """Runs a PyTorch benchmark with :func:`torch_device` as the default device, so that
+  its modules and tensors are made there."""
+  @functools.wraps(bench)
+  def wrapped(*args, **kwargs):
+    import torch
+    with torch.device(torch_device()):
+      return bench(*args, **kwargs)
+  return wrapped
+
+
+def _torch_sync():
+  """Wait for queued CUDA work (timings of asynchronous launches mean nothing)."""
+  import torch
+  if torch.cuda.is_initialized():
+    torch.cuda.synchronize()
+
+
+@_on_torch_device
 def bench_phase1_torch(cfg, steps, repeats):
   import torch  # noqa: F401 - optional dependency
   from kfjax.bench import torch_ref
@@ -276,6 +308,7 @@ def bench_phase1_torch(cfg, steps, repeats):
   def run():
     for _ in range(steps):
       step()
+    _torch_sync()
   return dict(step_s=median_time(run, repeats) / steps)
 
 
@@ -360,6 +393,7 @@ def bench_full_reverse(preset, hr_size):
   return dict(compile_s=compile_s, seconds=time.perf_counter() - t0)
 
 
+@_on_torch_device
 def bench_phase2_torch(cfg, hr_size, iters, repeats):
   import torch
   from kfjax.bench import torch_ref
@@ -387,6 +421,7 @@ def bench_phase2_torch(cfg, hr_size, iters, repeats):
   def run():
     for _ in range(iters):
       it()
+    _torch_sync()
   return dict(iter_s=median_time(run, repeats) / iters)
 
 
@@ -447,6 +482,7 @@ def bench_parts_jax(cfg, hr_size, iters, repeats, peak):
   return rows
 
 
+@_on_torch_device
 def bench_parts_torch(cfg, hr_size, iters, repeats):
   import torch
   from kfjax.bench import torch_ref
@@ -492,6 +528,7 @@ def bench_parts_torch(cfg, hr_size, iters, repeats):
     def run(f=f):
       for _ in range(iters):
         f()
+      _torch_sync()
     rows[name] = dict(s=median_time(run, repeats) / iters)
   return rows
 
@@ -519,6 +556,7 @@ def run_all(preset, what, use_torch):
     import torch
     out["torch"] = torch.__version__
     out["torch_threads"] = torch.get_num_threads()
+    out["torch_device"] = torch_device()
   peak = matmul_peak(FLAGS.peak_size)
   out["matmul_peak_flop_s"] = peak
   if "phase1" in what:
@@ -580,7 +618,8 @@ def _mb(b):
 
 def format_tables(r):
   """Markdown tables of a :func:`run_all` result."""
-  lines = [f"preset `{r['preset']}` ({r.get('precision', 'float32')}), {r['device']}, jax {r['jax']}, torch {r['torch']}, {r['date']}, "
+  lines = [f"preset `{r['preset']}` ({r.get('precision', 'float32')}), {r['device']}, jax {r['jax']}, torch {r['torch']}"
+           f"{' on ' + r['torch_device'] if r.get('torch_device') else ''}, {r['date']}, "
            f"conv gradients: {r.get('conv_backward', 'custom')}",
            f"matmul peak (float32 {FLAGS.peak_size}² jnp.dot): {r['matmul_peak_flop_s'] / 1e9:.1f} GFLOP/s", ""]
   if "phase1" in r:

@@ -242,7 +242,7 @@ class Phase1Step:
     img = torch.tensor(np.array(image, np.float32)).permute(2, 0, 1)[None]
     self.padded = pad_symmetric(img, HALO, HALO, HALO, HALO)[0]
     self.opt = torch.optim.Adam(model.parameters(), lr=lr, eps=1e-8, foreach=True)
-    self.gen = torch.Generator().manual_seed(seed)
+    self.gen = torch.Generator(device=self.padded.device).manual_seed(seed)
     self.step_count = 0
 
   def sample(self):
