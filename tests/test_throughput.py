@@ -17,6 +17,8 @@
 * ``kfjax.bench.throughput`` end to end at smoke shapes, and its FLOP formulas.
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -450,7 +452,7 @@ def test_torch_reference_matches_kfjax(pd_setup):
 
 # -- the benchmark CLI -------------------------------------------------------------------
 
-def test_throughput_cli_smoke():
+def test_throughput_cli_smoke(tmp_path, capsys):
   from kfjax.bench import throughput
   # ``scaling`` runs the same function as ``phase2`` at other sizes; left out to save a compile.
   throughput.parse_for_tests(["--preset=smoke", "--steps=2", "--iters=2", "--repeats=1",
@@ -481,6 +483,18 @@ def test_throughput_cli_smoke():
   assert r["batch"][0]["images"] == 2 and r["batch"][0]["images_per_hour"] > 0
   assert "| Phase 1 |" in throughput.format_tables(r) and r["precision"] == "float32"
   assert r["conv_backward"] == "custom" and "conv gradients: custom" in throughput.format_tables(r)
+  # One image: Phase 1's training steps at the timed step time + the reverse process.
+  e = r["per_image"]
+  assert e["phase1_steps"] == int(config_lib.preset("smoke").train.steps) and not e["phase2_measured"]
+  assert e["seconds"] == pytest.approx(e["phase1_steps"] * p1["step_s"] + p2["reverse_estimate_s"])
+  # --from_json prints the tables of a saved run (what launch/device_check.sh brings back).
+  saved = tmp_path / "r.json"
+  saved.write_text(json.dumps(r))
+  throughput.parse_for_tests([f"--from_json={saved}"])
+  capsys.readouterr()
+  throughput.main([])
+  assert capsys.readouterr().out.strip() == throughput.format_tables(r).strip()
+  assert "Per image (24² HR" in throughput.format_tables(r)
   throughput.parse_for_tests(["--preset=smoke", "--precision=bfloat16"])
   assert throughput.preset_config("smoke").precision == "bfloat16"
   assert throughput.phase2_config("smoke", 2).precision == "bfloat16"

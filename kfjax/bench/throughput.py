@@ -93,6 +93,8 @@ flags.DEFINE_enum("torch_device", "auto", ["auto", "cpu", "cuda"],
 flags.DEFINE_bool("torch", True, "Time the PyTorch eager reference too (skipped if torch is absent).")
 flags.DEFINE_integer("peak_size", 2048, "Matrix side for the matmul-peak measurement.")
 flags.DEFINE_bool("json", False, "Print one JSON document instead of tables.")
+flags.DEFINE_string("from_json", None, "Print the tables of a saved --json document (e.g. from "
+                    "launch/device_check.sh) and measure nothing.")
 
 CHANNELS = 3
 
@@ -381,6 +383,15 @@ def _phase2_xla_flops(p2, state, lr):
   return xla_flops(grad.lower(state.params).compile())
 
 
+def per_image_estimate(cfg, phase1, phase2):
+  """Seconds for one image (Phase 1's ``train.steps`` at the timed step time + the reverse
+  process, measured if ``--full_reverse`` ran); compiles, I/O and checkpoints excluded."""
+  steps = int(cfg.train.steps)
+  reverse = phase2["reverse"]["seconds"] if "reverse" in phase2 else phase2["reverse_estimate_s"]
+  return dict(phase1_steps=steps, phase1_s=steps * phase1["step_s"], phase2_s=reverse,
+              phase2_measured="reverse" in phase2, seconds=steps * phase1["step_s"] + reverse)
+
+
 def bench_full_reverse(preset, hr_size):
   """Wall time of the whole reverse process of one image, one compiled program."""
   cfg = preset_config(preset)
@@ -559,6 +570,7 @@ def run_all(preset, what, use_torch):
     out["torch_device"] = torch_device()
   peak = matmul_peak(FLAGS.peak_size)
   out["matmul_peak_flop_s"] = peak
+  out["peak_size"] = FLAGS.peak_size
   if "phase1" in what:
     _log("phase 1")
     cfg = phase1_config(preset)
@@ -581,6 +593,8 @@ def run_all(preset, what, use_torch):
       r["torch"]["peak_fraction"] = r["flops_per_iter"] / r["torch"]["iter_s"] / peak
       r["speed_vs_torch"] = r["torch"]["iter_s"] / r["iter_s"]
     out["phase2"] = r
+  if "phase1" in out and "phase2" in out:
+    out["per_image"] = per_image_estimate(preset_config(preset), out["phase1"], out["phase2"])
   if "parts" in what:
     _log("phase 2 parts")
     cfg = phase2_config(preset, FLAGS.iters)
@@ -621,7 +635,7 @@ def format_tables(r):
   lines = [f"preset `{r['preset']}` ({r.get('precision', 'float32')}), {r['device']}, jax {r['jax']}, torch {r['torch']}"
            f"{' on ' + r['torch_device'] if r.get('torch_device') else ''}, {r['date']}, "
            f"conv gradients: {r.get('conv_backward', 'custom')}",
-           f"matmul peak (float32 {FLAGS.peak_size}² jnp.dot): {r['matmul_peak_flop_s'] / 1e9:.1f} GFLOP/s", ""]
+           f"matmul peak (float32 {r.get('peak_size', FLAGS.peak_size)}² jnp.dot): {r['matmul_peak_flop_s'] / 1e9:.1f} GFLOP/s", ""]
   if "phase1" in r:
     p = r["phase1"]
     xla = "n/a" if p["xla_flops_per_step"] is None else f"{p['xla_flops_per_step'] / 1e9:.1f}"
@@ -647,6 +661,11 @@ def format_tables(r):
               "|---|---|---|---|---|---|",
               f"| inner iteration | {p['flops_per_iter'] / 1e9:.1f} ({xla}) | {p['flop_s'] / 1e9:.1f} | "
               f"{100 * p['peak_fraction']:.0f} | {100 * t_peak:.0f} | {150 * t_peak:.0f} |", ""]
+  if "per_image" in r:
+    e = r["per_image"]
+    lines += [f"Per image ({r['phase2']['hr_size']}² HR, compiles excluded): {e['seconds']:.1f} s = Phase 1 "
+              f"{e['phase1_steps']} steps × {r['phase1']['step_s']:.4f} s ({e['phase1_s']:.1f} s) + reverse "
+              f"process {e['phase2_s']:.1f} s ({'measured' if e['phase2_measured'] else 'estimated'})", ""]
   if "parts" in r:
     lines += [f"| Phase 2 part ({r['parts']['hr_size']}²) | GFLOP | ms | GFLOP/s | % peak | torch ms | kfjax/torch |",
               "|---|---|---|---|---|---|---|"]
@@ -680,6 +699,10 @@ def parse_for_tests(argv):
 
 def main(argv):
   del argv
+  if FLAGS.from_json:
+    with open(FLAGS.from_json) as f:
+      print(format_tables(json.load(f)))
+    return
   if FLAGS.conv_backward != "auto":
     os.environ[ops.BACKWARD_ENV] = FLAGS.conv_backward
   use_torch = FLAGS.torch and have_torch() and FLAGS.precision == "float32"

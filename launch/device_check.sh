@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The accelerator measurements issue 4 asks for, as one prepared run that fits a short GPU
+# lease (this workplace lends 15 minutes of device time per task, one command ≤ 10 min).
+#
+#   bash launch/device_check.sh            # on the GPU machine, from the repository root
+#   DRY=1 bash launch/device_check.sh      # rehearsal anywhere: smoke preset, tiny sizes
+#
+# Writes at most 8 files to $OUT (default: device_out/): log.txt and one JSON / CSV per
+# step, so what finished comes back even when a later step runs out of time. Every step
+# has its own time limit; the order is by importance:
+#   1. `paper` preset, XLA's convolution gradients (the accelerator default), PyTorch on
+#      the same GPU: Phase 1 step, Phase 2 iteration and the whole reverse process
+#   2. the same with kfjax's custom convolution VJP (KFJAX_CONV_BACKWARD=custom)
+#   3. bf16 mixed precision (speed)
+#   4. bf16 against float32 SR PSNR, `mini` suite at ×2, `cpu` preset
+#
+# The GPU image has JAX, Flax, Optax, Orbax and PyTorch but not ml_collections; carry its
+# wheel (pure Python). Once, here, from the repository root:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl ml_collections==1.1.0
+# then on the device tool: run(command="bash launch/device_check.sh", carry=[".whl"], timeout_s=600).
+set -uo pipefail
+out=${OUT:-device_out}
+mkdir -p "$out"
+log="$out/log.txt"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/kfjax_site .whl/*.whl \
+    && export PYTHONPATH=/tmp/kfjax_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# A re-run on the same (warm) machine skips the compiles.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/kfjax_jax_cache}
+py=${PYTHON:-python3}
+
+if [[ -n ${DRY:-} ]]; then
+  preset=smoke; tp="--steps 2 --iters 2 --repeats 1 --hr_size 24 --peak_size 128"
+  mini="--suite tiny --config smoke"; limit=(60 60 60 120)
+else
+  preset=paper; tp="--steps 20 --iters 10 --repeats 3 --hr_size 256"
+  mini="--suite mini --scales 2 --config cpu"; limit=(240 100 100 110)
+fi
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log its exit status
+  local name=$1 secs=$2; shift 2
+  echo "== $name ($(date -u +%H:%M:%S), limit ${secs}s): $*" >>"$log"
+  local t0=$SECONDS
+  timeout --kill-after=5 "$secs" "$@" 2>>"$log"
+  echo "== $name: exit $? after $((SECONDS - t0)) s" >>"$log"
+}
+
+{
+  date -u
+  nvidia-smi -L 2>&1 || echo "no nvidia-smi"
+  $py -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" 2>&1
+  $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" 2>&1
+} >>"$log"
+
+step paper_native "${limit[0]}" $py -m kfjax.bench.throughput --preset $preset $tp \
+  --what phase1,phase2 --full_reverse --conv_backward native --json >"$out/throughput_native.json"
+step paper_custom "${limit[1]}" $py -m kfjax.bench.throughput --preset $preset $tp \
+  --what phase1,phase2 --conv_backward custom --notorch --json >"$out/throughput_custom.json"
+step paper_bf16 "${limit[2]}" $py -m kfjax.bench.throughput --preset $preset $tp \
+  --what phase1,phase2 --precision bfloat16 --notorch --json >"$out/throughput_bf16.json"
+step mini_bf16 "${limit[3]}" $py -m kfjax.bench $mini --methods kernelfusion,kf_bf16 \
+  --workdir /tmp/kfjax_mini --quiet
+cp /tmp/kfjax_mini/results.csv "$out/mini_bf16.csv" 2>>"$log"
+echo "done $(date -u)" >>"$log"
