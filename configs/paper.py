@@ -11,7 +11,8 @@ and KernelGAN"), and ``--method kernelgan`` swaps the kernel estimator for Kerne
 
     python -m kfjax.main --image x.png --scale 4 --config configs/paper.py
 
-Expected runtime: not measured on an accelerator (none was lent to this project so far).
+Expected runtime: not measured on an accelerator (none was lent to this project so far;
+``launch/device_check.sh`` is the prepared measurement).
 On the project's 2-core CPU it is impractical, estimated from ``python -m kfjax.bench.throughput
 --preset paper`` (BENCHMARKS.md, quiet machine): Phase 1 6.55 s per step × 100k steps ≈ 7.6
 days, Phase 2 2.12 s per iteration × 4080 iterations ≈ 2.4 h for a 64×64 image at ×4. Use
