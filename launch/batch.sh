@@ -5,7 +5,9 @@
 #   launch/batch.sh IMAGES_DIR OUT_DIR [extra kfjax.main flags, e.g. --scale 4 --config paper]
 #
 # On a multi-GPU host, run one copy per GPU over disjoint folders with
-# CUDA_VISIBLE_DEVICES=<i>. A failing image is reported and skipped.
+# CUDA_VISIBLE_DEVICES=<i>. A failing image is reported and skipped. Images of one size
+# compile once: every run shares kfjax.main's persistent compilation cache
+# (~/.cache/kfjax/jax by default; --compile_cache DIR to choose).
 set -uo pipefail
 in_dir=${1:?usage: launch/batch.sh IMAGES_DIR OUT_DIR [flags...]}
 out_dir=${2:?usage: launch/batch.sh IMAGES_DIR OUT_DIR [flags...]}

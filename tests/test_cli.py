@@ -20,6 +20,20 @@ def _cli(*args, cwd=None, env=None):
                         text=True, env={**ENV, **(env or {})}, cwd=cwd, timeout=600)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def private_compile_cache(tmp_path_factory):
+  """The CLI's default compilation cache ($XDG_CACHE_HOME/kfjax/jax), private to this module."""
+  ENV.pop("JAX_COMPILATION_CACHE_DIR", None)
+  ENV["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg"))
+  return os.path.join(ENV["XDG_CACHE_HOME"], "kfjax", "jax")
+
+
+def _phase_programs(folder):
+  """The cached Phase 1 / Phase 2 chunk programs (smaller programs are cached or not
+  depending on whether their compile took JAX's 1 s threshold)."""
+  return sorted(f for f in os.listdir(folder) if f.startswith("jit_chunk-"))
+
+
 @pytest.fixture(scope="module")
 def lr_png(tmp_path_factory):
   """A 20×24 RGB crop of a real photo, degraded at ×2 by a Gaussian kernel."""
@@ -62,6 +76,27 @@ def test_blind_run_writes_every_output(blind_run):
   assert summary["phase1"]["steps"] == 6 and summary["phase1"]["restored_step"] is None
   assert np.isfinite(summary["phase2"]["final_loss"])
   assert "preset 'smoke'" in res.stdout and "cpu" in res.stdout
+
+
+def test_compile_cache_is_filled_then_reused(blind_run, lr_png, private_compile_cache, tmp_path):
+  """The first run stored its compiled programs; a run on another same-size image's workdir
+  compiles nothing new and gives the same image."""
+  wd, _ = blind_run
+  entries = _phase_programs(private_compile_cache)
+  assert len(entries) >= 2, os.listdir(private_compile_cache)
+  wd2 = str(tmp_path / "again")
+  res = _cli("--image", lr_png[0], "--config", "smoke", "--workdir", wd2, "--quiet")
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert _phase_programs(private_compile_cache) == entries
+  np.testing.assert_array_equal(kio.load_image(os.path.join(wd2, "sr.png"))[0],
+                                kio.load_image(os.path.join(wd, "sr.png"))[0])
+  # --compile_cache= turns the cache off; a folder that cannot be made never stops a run.
+  from kfjax import main as kmain
+  assert kmain.compile_cache_dir("") is None
+  assert kmain.compile_cache_dir("~/cc") == os.path.expanduser("~/cc")
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  assert kmain.use_compile_cache(str(blocker / "cache")) is None
 
 
 def test_rerun_restores_pd_and_nonblind_uses_given_kernel(blind_run, lr_png):
