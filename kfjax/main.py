@@ -55,7 +55,9 @@ def compile_cache_dir(flag_value):
 
 def use_compile_cache(path):
   """Point JAX's persistent compilation cache at ``path`` (size-capped); a folder that
-  cannot be made or written only costs the compile time, so it never stops a run."""
+  cannot be made or written only costs the compile time, so it never stops a run. Call it
+  before the process compiles anything: JAX decides once, at the first compile, whether
+  the cache is on."""
   if not path:
     return None
   try:
