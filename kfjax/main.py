@@ -40,38 +40,6 @@ _METHOD = flags.DEFINE_enum("method", "kernelfusion", ["kernelfusion", "kernelga
                             "the kernel, then KernelFusion's non-blind Phase 2 uses it.")
 
 
-CACHE_MAX_BYTES = 2 * 2 ** 30  # least recently used programs go first
-
-
-def compile_cache_dir(flag_value):
-  """The folder :func:`use_compile_cache` would use for ``--compile_cache`` (None: off)."""
-  if flag_value is not None:
-    return os.path.expanduser(flag_value) or None
-  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    return os.environ["JAX_COMPILATION_CACHE_DIR"]
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "kfjax", "jax")
-
-
-def use_compile_cache(path):
-  """Point JAX's persistent compilation cache at ``path`` (size-capped); a folder that
-  cannot be made or written only costs the compile time, so it never stops a run. Call it
-  before the process compiles anything: JAX decides once, at the first compile, whether
-  the cache is on."""
-  if not path:
-    return None
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError:
-    return None
-  if not os.access(path, os.W_OK):
-    return None
-  import jax
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
-  return path
-
-
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -90,7 +58,7 @@ def main(argv):
     cfg.scale = _SCALE.value
   stem = os.path.splitext(os.path.basename(_IMAGE.value))[0] or "image"
   workdir = _WORKDIR.value or os.path.join("kfjax_out", stem)
-  use_compile_cache(compile_cache_dir(_COMPILE_CACHE.value))
+  ops.use_compile_cache(ops.compile_cache_dir(_COMPILE_CACHE.value))
   try:
     ops.conv_backward()  # a bad KFJAX_CONV_BACKWARD fails before any work
     pipeline.run(_IMAGE.value, cfg, workdir, kernel_path=_KERNEL.value,

@@ -38,6 +38,7 @@ Only stride 1 and VALID padding; ``Conv`` below pads explicitly for SAME.
 
 :func:`jit` is ``jax.jit`` with kfjax's XLA:CPU compiler options (:data:`CPU_COMPILER_OPTIONS`);
 every compiled training and sampling program in kfjax goes through it.
+:func:`use_compile_cache` keeps those programs in JAX's persistent compilation cache.
 """
 
 import functools
@@ -77,6 +78,40 @@ def jit(fun=None, **kwargs):
   if fun is None:
     return functools.partial(jit, **kwargs)
   return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
+
+
+# JAX's persistent compilation cache, which ``kfjax.main`` turns on (``--compile_cache``).
+CACHE_MAX_BYTES = 2 * 2 ** 30  # least recently used programs go first
+
+
+def compile_cache_dir(flag_value):
+  """The cache folder for the command line's ``--compile_cache`` value (None: off): the
+  value itself, else ``$JAX_COMPILATION_CACHE_DIR``, else ``$XDG_CACHE_HOME/kfjax/jax``
+  (``~/.cache/kfjax/jax``); ``""`` turns the cache off."""
+  if flag_value is not None:
+    return os.path.expanduser(flag_value) or None
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "kfjax", "jax")
+
+
+def use_compile_cache(path):
+  """Point JAX's persistent compilation cache at ``path`` (size-capped); a folder that
+  cannot be made or written only costs the compile time, so it never stops a run. Call it
+  before the process compiles anything: JAX decides once, at the first compile, whether
+  the cache is on."""
+  if not path:
+    return None
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError:
+    return None
+  if not os.access(path, os.W_OK):
+    return None
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+  return path
 
 
 _DN = ("NHWC", "HWIO", "NHWC")

@@ -5,14 +5,18 @@
 #   bash launch/device_check.sh            # on the GPU machine, from the repository root
 #   DRY=1 bash launch/device_check.sh      # rehearsal anywhere: smoke preset, tiny sizes
 #
-# Writes at most 8 files to $OUT (default: device_out/): log.txt and one JSON / CSV per
-# step, so what finished comes back even when a later step runs out of time. Every step
-# has its own time limit; the order is by importance:
+# Writes 7 files to $OUT (default: device_out/; the device tool brings back 8 at most):
+# log.txt and one JSON / CSV per step, so what finished comes back even when a later step
+# runs out of time. Every step has its own time limit; the order is by importance:
 #   1. `paper` preset, XLA's convolution gradients (the accelerator default), PyTorch on
-#      the same GPU: Phase 1 step, Phase 2 iteration and the whole reverse process
-#   2. the same with kfjax's custom convolution VJP (KFJAX_CONV_BACKWARD=custom)
-#   3. bf16 mixed precision (speed)
-#   4. bf16 against float32 SR PSNR, `mini` suite at ×2, `cpu` preset
+#      the same GPU: Phase 1 step and Phase 2 iteration
+#   2. the whole reverse process of one image, and the per-image estimate
+#   3. Phase 1 and 2 with kfjax's custom convolution VJP (KFJAX_CONV_BACKWARD=custom)
+#   4. bf16 mixed precision (speed)
+#   5. scaling with HR size (PD whole and tiled) and images vmapped together
+#   6. bf16 against float32 SR PSNR, `mini` suite at ×2, `cpu` preset
+# A step never runs past the whole run's budget (BUDGET seconds, default 570) and is skipped
+# when less than 30 s of it are left.
 #
 # The GPU image has JAX, Flax, Optax, Orbax and PyTorch but not ml_collections; carry its
 # wheel (pure Python). Once, here, from the repository root:
@@ -32,16 +36,22 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/kfjax_jax_cache}
 py=${PYTHON:-python3}
 
+budget=${BUDGET:-570}
 if [[ -n ${DRY:-} ]]; then
   preset=smoke; tp="--steps 2 --iters 2 --repeats 1 --hr_size 24 --peak_size 128"
-  mini="--suite tiny --config smoke"; limit=(60 60 60 120)
+  sizes="--sizes 24,48 --pd_tile 16 --images 1,2"
+  mini="--suite tiny --config smoke"; limit=(60 60 60 60 60 120)
 else
   preset=paper; tp="--steps 20 --iters 10 --repeats 3 --hr_size 256"
-  mini="--suite mini --scales 2 --config cpu"; limit=(240 100 100 110)
+  sizes="--sizes 256,512,1024 --images 1,2,4"
+  mini="--suite mini --scales 2 --config cpu"; limit=(150 150 80 80 90 200)
 fi
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log its exit status
   local name=$1 secs=$2; shift 2
+  local left=$((budget - SECONDS - 5))
+  (( secs > left )) && secs=$left
+  if (( secs < 30 )); then echo "== $name: skipped, ${left}s of the budget left" >>"$log"; return; fi
   echo "== $name ($(date -u +%H:%M:%S), limit ${secs}s): $*" >>"$log"
   local t0=$SECONDS
   timeout --kill-after=5 "$secs" "$@" 2>>"$log"
@@ -56,12 +66,16 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log its exit st
 } >>"$log"
 
 step paper_native "${limit[0]}" $py -m kfjax.bench.throughput --preset $preset $tp \
-  --what phase1,phase2 --full_reverse --conv_backward native --json >"$out/throughput_native.json"
-step paper_custom "${limit[1]}" $py -m kfjax.bench.throughput --preset $preset $tp \
+  --what phase1,phase2 --conv_backward native --json >"$out/throughput_native.json"
+step reverse "${limit[1]}" $py -m kfjax.bench.throughput --preset $preset $tp --steps 5 \
+  --iters 2 --repeats 1 --what phase1,phase2 --full_reverse --notorch --json >"$out/throughput_reverse.json"
+step paper_custom "${limit[2]}" $py -m kfjax.bench.throughput --preset $preset $tp \
   --what phase1,phase2 --conv_backward custom --notorch --json >"$out/throughput_custom.json"
-step paper_bf16 "${limit[2]}" $py -m kfjax.bench.throughput --preset $preset $tp \
+step paper_bf16 "${limit[3]}" $py -m kfjax.bench.throughput --preset $preset $tp \
   --what phase1,phase2 --precision bfloat16 --notorch --json >"$out/throughput_bf16.json"
-step mini_bf16 "${limit[3]}" $py -m kfjax.bench $mini --methods kernelfusion,kf_bf16 \
+step scaling "${limit[4]}" $py -m kfjax.bench.throughput --preset $preset $tp $sizes \
+  --what scaling,batch --notorch --json >"$out/throughput_scaling.json"
+step mini_bf16 "${limit[5]}" $py -m kfjax.bench $mini --methods kernelfusion,kf_bf16 \
   --workdir /tmp/kfjax_mini --quiet
 cp /tmp/kfjax_mini/results.csv "$out/mini_bf16.csv" 2>>"$log"
 echo "done $(date -u)" >>"$log"
