@@ -5,7 +5,7 @@
 #   bash launch/device_check.sh            # on the GPU machine, from the repository root
 #   DRY=1 bash launch/device_check.sh      # rehearsal anywhere: smoke preset, tiny sizes
 #
-# Writes 7 files to $OUT (default: device_out/; the device tool brings back 8 at most):
+# Writes 8 files to $OUT (default: device_out/; the device tool brings back 8 at most):
 # log.txt and one JSON / CSV per step, so what finished comes back even when a later step
 # runs out of time. Every step has its own time limit; the order is by importance:
 #   1. `paper` preset, XLA's convolution gradients (the accelerator default), PyTorch on
@@ -13,8 +13,9 @@
 #   2. the whole reverse process of one image, and the per-image estimate
 #   3. Phase 1 and 2 with kfjax's custom convolution VJP (KFJAX_CONV_BACKWARD=custom)
 #   4. bf16 mixed precision (speed)
-#   5. scaling with HR size (PD whole and tiled) and images vmapped together
-#   6. bf16 against float32 SR PSNR, `mini` suite at ×2, `cpu` preset
+#   5. Phase 2 against HR size (512², 1024²; whole-image PD: memory is no concern there)
+#   6. images vmapped through Phase 2 together
+#   7. bf16 against float32 SR PSNR, `mini` suite at ×2, `cpu` preset
 # A step never runs past the whole run's budget (BUDGET seconds, default 570) and is skipped
 # when less than 30 s of it are left.
 #
@@ -39,12 +40,12 @@ py=${PYTHON:-python3}
 budget=${BUDGET:-570}
 if [[ -n ${DRY:-} ]]; then
   preset=smoke; tp="--steps 2 --iters 2 --repeats 1 --hr_size 24 --peak_size 128"
-  sizes="--sizes 24,48 --pd_tile 16 --images 1,2"
-  mini="--suite tiny --config smoke"; limit=(60 60 60 60 60 120)
+  sizes="--sizes 24,48 --pd_tile 0"; images="--images 1,2"
+  mini="--suite tiny --config smoke"; limit=(60 60 60 60 90 90 120)
 else
   preset=paper; tp="--steps 20 --iters 10 --repeats 3 --hr_size 256"
-  sizes="--sizes 256,512,1024 --images 1,2,4"
-  mini="--suite mini --scales 2 --config cpu"; limit=(150 150 80 80 90 200)
+  sizes="--sizes 512,1024 --pd_tile 0"; images="--images 1,4"
+  mini="--suite mini --scales 2 --config cpu"; limit=(150 150 70 70 70 70 200)
 fi
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log its exit status
@@ -74,8 +75,10 @@ step paper_custom "${limit[2]}" $py -m kfjax.bench.throughput --preset $preset $
 step paper_bf16 "${limit[3]}" $py -m kfjax.bench.throughput --preset $preset $tp \
   --what phase1,phase2 --precision bfloat16 --notorch --json >"$out/throughput_bf16.json"
 step scaling "${limit[4]}" $py -m kfjax.bench.throughput --preset $preset $tp $sizes \
-  --what scaling,batch --notorch --json >"$out/throughput_scaling.json"
-step mini_bf16 "${limit[5]}" $py -m kfjax.bench $mini --methods kernelfusion,kf_bf16 \
+  --what scaling --notorch --json >"$out/throughput_scaling.json"
+step images "${limit[5]}" $py -m kfjax.bench.throughput --preset $preset $tp $images \
+  --what batch --notorch --json >"$out/throughput_images.json"
+step mini_bf16 "${limit[6]}" $py -m kfjax.bench $mini --methods kernelfusion,kf_bf16 \
   --workdir /tmp/kfjax_mini --quiet
 cp /tmp/kfjax_mini/results.csv "$out/mini_bf16.csv" 2>>"$log"
 echo "done $(date -u)" >>"$log"
