@@ -25,17 +25,21 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl ml_collections==1.1.0
 # then on the device tool: run(command="bash launch/device_check.sh", carry=[".whl"], timeout_s=600).
 set -uo pipefail
-out=${OUT:-device_out}
+py=${PYTHON:-python3}
+out=$(realpath -m "${OUT:-device_out}")
 mkdir -p "$out"
 log="$out/log.txt"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/kfjax_site .whl/*.whl \
-    && export PYTHONPATH=/tmp/kfjax_site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# kfjax installed (offline, no dependencies) with the carried wheels into a private folder:
+# the presets are the package kfjax.configs only once installed. Then run from elsewhere,
+# so that the checkout's kfjax/ does not shadow the installed one.
+site=/tmp/kfjax_site
+rm -rf "$site"
+$py -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$site" \
+  . $(compgen -G ".whl/*.whl") >>"$log" 2>&1 || echo "installing kfjax failed" >>"$log"
+export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+cd /tmp || exit 1
 # A re-run on the same (warm) machine skips the compiles.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/kfjax_jax_cache}
-py=${PYTHON:-python3}
 
 budget=${BUDGET:-570}
 if [[ -n ${DRY:-} ]]; then
