@@ -271,9 +271,11 @@ def test_cli_lists_and_rejects_bad_input(tmp_path):
 
 def test_cli_bicubic_run_writes_csv_and_report(tmp_path):
   wd = str(tmp_path / "b")
+  cache = str(tmp_path / "cache")
   out = _bench("--suite", "tiny", "--methods", "bicubic", "--workdir", wd, "--config", "smoke",
-               "--quiet")
+               "--quiet", f"--compile_cache={cache}")
   assert out.returncode == 0, out.stderr
+  assert os.path.isdir(cache)  # what the cache holds is tested through kfjax.main (test_cli)
   rows = list(csv.DictReader(open(os.path.join(wd, "results.csv"))))
   assert [r["status"] for r in rows] == ["ok", "ok"]
   assert "python -m kfjax.bench --suite tiny" in open(os.path.join(wd, "report.md")).read()

@@ -42,6 +42,11 @@ _SEEDS = flags.DEFINE_list("seeds", [], "Run every row once per seed (sets confi
                            "default: the config's seed only.")
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
 _LIST = flags.DEFINE_bool("list", False, "List the suite's cases and the methods, then exit.")
+_COMPILE_CACHE = flags.DEFINE_string(
+    "compile_cache", None,
+    "JAX persistent compilation cache folder (as kfjax.main's --compile_cache); off by default "
+    "here so that each case's seconds include its compiles, comparable with earlier runs. With "
+    "it, cases of one size and config after the first skip compiling.")
 
 
 def _fail(msg):
@@ -86,6 +91,9 @@ def main(argv):
   except Exception as e:
     reason = [ln.strip() for ln in str(e).splitlines() if ln.strip()][-1]
     _fail(f"cannot load --config: {reason}")
+  if _COMPILE_CACHE.value is not None:
+    from kfjax import ops
+    ops.use_compile_cache(ops.compile_cache_dir(_COMPILE_CACHE.value))
   workdir = _WORKDIR.value or f"bench_out/{_SUITE.value}"
   print(f"kfjax.bench: suite '{_SUITE.value}' ({len(specs)} cases) x "
         f"{','.join(_METHODS.value)} with preset '{cfg.name}' into {workdir}", flush=True)
