@@ -387,9 +387,10 @@ def per_image_estimate(cfg, phase1, phase2):
   """Seconds for one image (Phase 1's ``train.steps`` at the timed step time + the reverse
   process, measured if ``--full_reverse`` ran); compiles, I/O and checkpoints excluded."""
   steps = int(cfg.train.steps)
+  train = steps * phase1["step_s"]
   reverse = phase2["reverse"]["seconds"] if "reverse" in phase2 else phase2["reverse_estimate_s"]
-  return dict(phase1_steps=steps, phase1_s=steps * phase1["step_s"], phase2_s=reverse,
-              phase2_measured="reverse" in phase2, seconds=steps * phase1["step_s"] + reverse)
+  return dict(phase1_steps=steps, phase1_s=train, phase2_s=reverse,
+              phase2_measured="reverse" in phase2, seconds=train + reverse)
 
 
 def bench_full_reverse(preset, hr_size):

@@ -403,14 +403,14 @@ def siren_from_config(cfg, size):
 
 
 def kernel_from_config(cfg, size, scale):
-  """The preset's kernel network (``cfg.kernel.net``: ``inr`` or ``linear_cnn``)."""
-  net = cfg.kernel.get("net", "inr")
-  if net == "inr":
-    return siren_from_config(cfg, size)
-  if net == "linear_cnn":
-    sizes = tuple(cfg.kernel.get("cnn_sizes", ())) or kernel_net.linear_cnn_sizes(int(scale), size)
-    return LinearCNNKernel(size, sizes, int(cfg.kernel.get("cnn_channels", 32)))
-  raise NotImplementedError(f"the torch reference has no kernel.net {net!r}")
+  """The preset's kernel network (``cfg.kernel.net``: ``inr`` or ``linear_cnn``), with the
+  sizes of the module ``kfjax.models.kernel_net.make`` builds for it."""
+  net = kernel_net.make(cfg.kernel, size, int(scale))
+  if isinstance(net, kernel_net.SirenKernel):
+    return SirenKernel(size, net.width, net.depth, net.omega)
+  if isinstance(net, kernel_net.LinearCNNKernel):
+    return LinearCNNKernel(size, net.sizes, net.channels)
+  raise NotImplementedError(f"the torch reference has no kernel.net {cfg.kernel.net!r}")
 
 
 def load_kernel(model, variables):
