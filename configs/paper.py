@@ -12,7 +12,10 @@ and KernelGAN"), and ``--method kernelgan`` swaps the kernel estimator for Kerne
     python -m kfjax.main --image x.png --scale 4 --config configs/paper.py
 
 Expected runtime: not measured on an accelerator (none was lent to this project so far;
-``launch/device_check.sh`` is the prepared measurement).
+``launch/device_check.sh`` is the prepared measurement). Its floor is set by arithmetic:
+Phase 1 is 888 GFLOP per step (batch 32 of 64-px crops, forward + backward), 88.8 PFLOP for
+100k steps, and the reverse process of a 256² image another 1.65 PFLOP (26 PFLOP at 1024²),
+i.e. at least ~90 s at an H100's dense bf16 peak (989 TFLOP/s) and ~180 s at its TF32 peak.
 On the project's 2-core CPU it is impractical, estimated from ``python -m kfjax.bench.throughput
 --preset paper`` (BENCHMARKS.md, quiet machine): Phase 1 6.55 s per step × 100k steps ≈ 7.6
 days, Phase 2 2.12 s per iteration × 4080 iterations ≈ 2.4 h for a 64×64 image at ×4. Use

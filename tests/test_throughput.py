@@ -487,6 +487,15 @@ def test_throughput_cli_smoke(tmp_path, capsys):
   e = r["per_image"]
   assert e["phase1_steps"] == int(config_lib.preset("smoke").train.steps) and not e["phase2_measured"]
   assert e["seconds"] == pytest.approx(e["phase1_steps"] * p1["step_s"] + p2["reverse_estimate_s"])
+  # Its FLOP budget, counted independently: Phase 1's steps × the step's PD forward +
+  # backward over the batch, the reverse process's iterations × one iteration's FLOPs.
+  smoke = config_lib.preset("smoke")
+  n_iter = int(smoke.sample.n_iter_first) + (int(smoke.sample.num_steps) - 1) * int(smoke.sample.n_iter)
+  flops1 = e["phase1_steps"] * 3 * p1["batch"] * throughput.pd_flops(smoke, p1["crop"])
+  flops2 = n_iter * throughput.phase2_flops(smoke, p2["hr_size"])
+  assert (e["phase1_flops"], e["phase2_flops"]) == (flops1, flops2)
+  assert e["floor_s"] == pytest.approx((flops1 + flops2) / r["matmul_peak_flop_s"])
+  assert 0 < e["floor_s"] < e["seconds"]
   # --from_json prints the tables of a saved run (what launch/device_check.sh brings back).
   saved = tmp_path / "r.json"
   saved.write_text(json.dumps(r))
@@ -494,7 +503,9 @@ def test_throughput_cli_smoke(tmp_path, capsys):
   capsys.readouterr()
   throughput.main([])
   assert capsys.readouterr().out.strip() == throughput.format_tables(r).strip()
-  assert "Per image (24² HR" in throughput.format_tables(r)
+  tables = throughput.format_tables(r)
+  assert "Per image (24² HR" in tables and "FLOPs per image:" in tables
+  assert throughput._duration(7300.0) == "7300 s (2.0 h)" and throughput._duration(90.0) == "90.0 s"
   throughput.parse_for_tests(["--preset=smoke", "--precision=bfloat16"])
   assert throughput.preset_config("smoke").precision == "bfloat16"
   assert throughput.phase2_config("smoke", 2).precision == "bfloat16"

@@ -383,14 +383,24 @@ def _phase2_xla_flops(p2, state, lr):
   return xla_flops(grad.lower(state.params).compile())
 
 
-def per_image_estimate(cfg, phase1, phase2):
+def per_image_estimate(cfg, phase1, phase2, peak):
   """Seconds for one image (Phase 1's ``train.steps`` at the timed step time + the reverse
-  process, measured if ``--full_reverse`` ran); compiles, I/O and checkpoints excluded."""
+  process, measured if ``--full_reverse`` ran); compiles, I/O and checkpoints excluded.
+
+  Also the image's convolution FLOPs (Phase 1's steps + the reverse process's iterations)
+  and ``floor_s``, the time they would take at ``peak`` (the matmul rate measured in the
+  same run): no implementation of the same steps on this device can be faster than that
+  by more than the gap between its convolutions and its best matrix product.
+  """
   steps = int(cfg.train.steps)
   train = steps * phase1["step_s"]
   reverse = phase2["reverse"]["seconds"] if "reverse" in phase2 else phase2["reverse_estimate_s"]
+  flops1 = steps * phase1["flops_per_step"]
+  flops2 = phase2["reverse_iterations"] * phase2["flops_per_iter"]
   return dict(phase1_steps=steps, phase1_s=train, phase2_s=reverse,
-              phase2_measured="reverse" in phase2, seconds=train + reverse)
+              phase2_measured="reverse" in phase2, seconds=train + reverse,
+              phase1_flops=flops1, phase2_flops=flops2, flops=flops1 + flops2,
+              floor_s=(flops1 + flops2) / peak)
 
 
 def bench_full_reverse(preset, hr_size):
@@ -595,7 +605,8 @@ def run_all(preset, what, use_torch):
       r["speed_vs_torch"] = r["torch"]["iter_s"] / r["iter_s"]
     out["phase2"] = r
   if "phase1" in out and "phase2" in out:
-    out["per_image"] = per_image_estimate(preset_config(preset), out["phase1"], out["phase2"])
+    out["per_image"] = per_image_estimate(preset_config(preset), out["phase1"], out["phase2"],
+                                           peak)
   if "parts" in what:
     _log("phase 2 parts")
     cfg = phase2_config(preset, FLAGS.iters)
@@ -631,6 +642,14 @@ def _mb(b):
   return "n/a" if b is None else f"{b / 2 ** 20:.0f} MiB"
 
 
+def _duration(seconds):
+  """``seconds`` with a readable unit beside it when it is long (``"623628 s (7.2 days)"``)."""
+  for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+    if seconds >= 2 * size:
+      return f"{seconds:.0f} s ({seconds / size:.1f} {unit})"
+  return f"{seconds:.1f} s"
+
+
 def format_tables(r):
   """Markdown tables of a :func:`run_all` result."""
   lines = [f"preset `{r['preset']}` ({r.get('precision', 'float32')}), {r['device']}, jax {r['jax']}, torch {r['torch']}"
@@ -664,9 +683,14 @@ def format_tables(r):
               f"{100 * p['peak_fraction']:.0f} | {100 * t_peak:.0f} | {150 * t_peak:.0f} |", ""]
   if "per_image" in r:
     e = r["per_image"]
-    lines += [f"Per image ({r['phase2']['hr_size']}² HR, compiles excluded): {e['seconds']:.1f} s = Phase 1 "
-              f"{e['phase1_steps']} steps × {r['phase1']['step_s']:.4f} s ({e['phase1_s']:.1f} s) + reverse "
-              f"process {e['phase2_s']:.1f} s ({'measured' if e['phase2_measured'] else 'estimated'})", ""]
+    lines += [f"Per image ({r['phase2']['hr_size']}² HR, compiles excluded): {_duration(e['seconds'])}; Phase 1 "
+              f"{e['phase1_steps']} steps × {r['phase1']['step_s']:.4f} s = {_duration(e['phase1_s'])}, reverse "
+              f"process {_duration(e['phase2_s'])} ({'measured' if e['phase2_measured'] else 'estimated'})"]
+    if "flops" in e:  # runs saved before the FLOP budget was recorded lack it
+      lines.append(f"FLOPs per image: {e['flops'] / 1e15:.4g} PFLOP (Phase 1 {e['phase1_flops'] / 1e15:.4g}, "
+                   f"reverse process {e['phase2_flops'] / 1e15:.4g}); at the measured matmul peak that is "
+                   f"{_duration(e['floor_s'])}")
+    lines.append("")
   if "parts" in r:
     lines += [f"| Phase 2 part ({r['parts']['hr_size']}²) | GFLOP | ms | GFLOP/s | % peak | torch ms | kfjax/torch |",
               "|---|---|---|---|---|---|---|"]
