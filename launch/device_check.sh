@@ -85,6 +85,6 @@ step scaling "${limit[4]}" $py -m kfjax.bench.throughput --preset $preset $tp $s
 step images "${limit[5]}" $py -m kfjax.bench.throughput --preset $preset $tp $images \
   --what batch --notorch --json >"$out/throughput_images.json"
 step mini_bf16 "${limit[6]}" $py -m kfjax.bench $mini --methods kernelfusion,kf_bf16 \
-  --workdir /tmp/kfjax_mini --quiet
-cp /tmp/kfjax_mini/results.csv "$out/mini_bf16.csv" 2>>"$log"
+  --workdir "/tmp/kfjax_mini_$preset" --quiet
+cp "/tmp/kfjax_mini_$preset/results.csv" "$out/mini_bf16.csv" 2>>"$log"
 echo "done $(date -u)" >>"$log"
