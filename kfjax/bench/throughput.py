@@ -388,9 +388,9 @@ def per_image_estimate(cfg, phase1, phase2, peak):
   process, measured if ``--full_reverse`` ran); compiles, I/O and checkpoints excluded.
 
   Also the image's convolution FLOPs (Phase 1's steps + the reverse process's iterations)
-  and ``floor_s``, the time they would take at ``peak`` (the matmul rate measured in the
-  same run): no implementation of the same steps on this device can be faster than that
-  by more than the gap between its convolutions and its best matrix product.
+  and ``floor_s``, the time they take at ``peak`` (the float32 matmul rate measured in the
+  same run): what these steps cost at that rate, whoever implements them (lower precision
+  on faster matrix units can go below it; BENCHMARKS.md, "what one image costs").
   """
   steps = int(cfg.train.steps)
   train = steps * phase1["step_s"]
