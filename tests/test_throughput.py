@@ -485,14 +485,14 @@ def test_throughput_cli_smoke(tmp_path, capsys):
   assert r["conv_backward"] == "custom" and "conv gradients: custom" in throughput.format_tables(r)
   # One image: Phase 1's training steps at the timed step time + the reverse process.
   e = r["per_image"]
-  assert e["phase1_steps"] == int(config_lib.preset("smoke").train.steps) and not e["phase2_measured"]
+  smoke = config_lib.preset("smoke")
+  assert e["phase1_steps"] == int(smoke.train.steps) and not e["phase2_measured"]
   assert e["seconds"] == pytest.approx(e["phase1_steps"] * p1["step_s"] + p2["reverse_estimate_s"])
   # Its FLOP budget, counted independently: Phase 1's steps × the step's PD forward +
-  # backward over the batch, the reverse process's iterations × one iteration's FLOPs.
-  smoke = config_lib.preset("smoke")
-  n_iter = int(smoke.sample.n_iter_first) + (int(smoke.sample.num_steps) - 1) * int(smoke.sample.n_iter)
+  # backward over the batch, the reverse process's iterations (pinned to 9 above) × one
+  # iteration's FLOPs.
   flops1 = e["phase1_steps"] * 3 * p1["batch"] * throughput.pd_flops(smoke, p1["crop"])
-  flops2 = n_iter * throughput.phase2_flops(smoke, p2["hr_size"])
+  flops2 = p2["reverse_iterations"] * throughput.phase2_flops(smoke, p2["hr_size"])
   assert (e["phase1_flops"], e["phase2_flops"]) == (flops1, flops2)
   assert e["floor_s"] == pytest.approx((flops1 + flops2) / r["matmul_peak_flop_s"])
   assert 0 < e["floor_s"] < e["seconds"]
