@@ -11,16 +11,20 @@ and KernelGAN"), and ``--method kernelgan`` swaps the kernel estimator for Kerne
 
     python -m kfjax.main --image x.png --scale 4 --config configs/paper.py
 
-Expected runtime: not measured on an accelerator (none was lent to this project so far;
-``launch/device_check.sh`` is the prepared measurement). Its floor is set by arithmetic:
-Phase 1 is 888 GFLOP per step (batch 32 of 64-px crops, forward + backward), 88.8 PFLOP for
-100k steps, and the reverse process of a 256² image another 1.65 PFLOP (26 PFLOP at 1024²),
-i.e. at least ~90 s at an H100's dense bf16 peak (989 TFLOP/s) and ~180 s at its TF32 peak.
-On the project's 2-core CPU it is impractical, estimated from ``python -m kfjax.bench.throughput
---preset paper`` (BENCHMARKS.md, quiet machine): Phase 1 6.55 s per step × 100k steps ≈ 7.6
-days, Phase 2 2.12 s per iteration × 4080 iterations ≈ 2.4 h for a 64×64 image at ×4. Use
-``configs/cpu.py`` on a CPU. ``--config.precision=bfloat16`` computes PD and the U-Net in
-bf16 (for accelerators; on XLA:CPU it is no faster).
+Phase 1's batch is 4 crops of 64 px. The paper prints no batch size (an unofficial port
+uses 32) but reports ~2 ms per PD step on one GPU (600k steps ≈ 20 min, appendix E). A
+batch of 32 64-px crops is 888 GFLOP per step (forward + backward), which in 2 ms would be
+~440 TFLOP/s sustained, beyond any GPU on such small convolutions; a batch of 4 is ~111
+GFLOP per step (~55 TFLOP/s at 2 ms), what a current GPU sustains here. So 4 is the batch
+consistent with the paper's own timing; ``--config.train.batch_size=32`` restores the port's.
+
+Expected runtime: not measured on an accelerator yet (``launch/device_check.sh`` is the
+prepared measurement). Its floor is arithmetic: Phase 1 at batch 4 is ~111 GFLOP per step,
+11.1 PFLOP for 100k steps, and the reverse process of a 256² image another 1.65 PFLOP (26
+PFLOP at 1024²), i.e. at least ~13 s at an H100's dense bf16 peak (989 TFLOP/s) and ~26 s at
+its TF32 peak. On a 2-core CPU it is impractical (``python -m kfjax.bench.throughput --preset
+paper``; BENCHMARKS.md): use ``configs/cpu.py`` there. ``--config.precision=bfloat16``
+computes PD and the U-Net in bf16 (for accelerators; on XLA:CPU it is no faster).
 """
 
 from kfjax import config
@@ -29,4 +33,5 @@ from kfjax import config
 def get_config():
   cfg = config.base_config()
   cfg.name = "paper"
+  cfg.train.batch_size = 4   # consistent with the paper's ~2 ms per step (docstring)
   return cfg

@@ -28,6 +28,10 @@ def base_config():
       lr_end=1e-6,          # cosine annealing target
       steps_per_chunk=500,  # optimiser steps per dispatch (lax.scan)
       checkpoint_every=10_000,
+      # Highest noise level PD is trained on (0: all of 1 … diffusion.num_steps, the
+      # paper). Phase 2 only queries PD at t <= sample.t_start; t_max = t_start spends all
+      # of Phase 1 there (a kfjax option).
+      t_max=0,
   ))
 
   # Phase 2: reverse diffusion with joint U-Net / kernel optimisation (appendix A.1, A.3-A.4).
@@ -47,7 +51,7 @@ def base_config():
       # init_sigma × scale HR pixels in init_steps Adam steps before Phase 2).
       init="default",
       init_sigma=0.25,      # tuned on the cpu preset (BENCHMARKS.md, "Tuning")
-      init_steps=500,
+      init_steps=1000,
   ))
   cfg.sample = ml_collections.ConfigDict(dict(
       t_start=200,          # first noise level (unofficial port: 200)
@@ -57,6 +61,11 @@ def base_config():
       n_iter=20,
       lr=1e-4,
       lr_end=1e-5,
+      # "per_step": the learning rate is cosine-annealed from lr to lr_end within every
+      # reverse step and restarts at lr at the next (Algorithm 1; Adam state carried over);
+      # "global": one cosine from lr to lr_end over all of Phase 2's iterations (a kfjax
+      # option).
+      lr_schedule="per_step",
       com_weight=1e-2,      # centre-of-mass weight (not published)
       sparsity_weight=0.0,  # λ_sp·mean((|k|+ε)^0.2), KernelGAN's sparsity prior (0: off, paper)
       # Independent runs of Phase 2 (own U-Net/kernel init and noise); sr.png and
@@ -69,6 +78,20 @@ def base_config():
       two_unets=False,      # True: separate U-Nets before and after PD (appendix C.2)
       prior="diffusion",    # "dip": no PD, the U-Net alone (Deep-Image-Prior ablation, C.1)
       dip_input="bicubic",  # "dip" network input: "bicubic" upscale or fixed "noise"
+  ))
+
+  # TV-regularised non-blind restoration (kfjax.restore): the benchmark's tv_nonblind /
+  # tv_blind methods, and with final=True a last step of every run (a kfjax option, not in
+  # the paper): the SR image re-solved with the kernel Phase 2 found, started from Phase
+  # 2's image (init="phase2") or the bicubic upscale ("bicubic").
+  cfg.restore = ml_collections.ConfigDict(dict(
+      final=False,
+      init="phase2",
+      weight=1e-4,          # TV weight at x2 for [0, 1] images; x (s/2)^2 at other scales
+      steps=1500,           # Adam steps, lr cosine-annealed from lr to lr_end
+      lr=1e-2,
+      lr_end=1e-4,
+      eps=1e-3,             # Charbonnier smoothing of the TV term
   ))
 
   # KernelGAN (Bell-Kligler et al. 2019) as a kernel estimator (``--method kernelgan``);

@@ -26,6 +26,7 @@ from kfjax import checkpoint as ckpt
 from kfjax import io as kio
 from kfjax import ops
 from kfjax import resize
+from kfjax import restore
 from kfjax import sampler
 from kfjax import train_pd
 from kfjax.errors import KfjaxError
@@ -95,7 +96,7 @@ def validate_config(cfg):
 
 def _ablation_checks(cfg):
   """``validate_config`` checks of the ablation options and the KernelGAN fields."""
-  k, s, g = cfg.kernel, cfg.sample, cfg.kernelgan
+  k, s, g, r = cfg.kernel, cfg.sample, cfg.kernelgan, cfg.restore
   nets = kernel_net.KERNEL_NETS
   ok_net = k.net in nets
   size = int(k.size) or 6 * int(cfg.scale)
@@ -115,6 +116,14 @@ def _ablation_checks(cfg):
        f"sample.dip_input must be bicubic or noise, got {s.dip_input!r}"),
       (not (s.two_unets and s.prior == "dip"),
        "sample.two_unets needs sample.prior=diffusion (DIP applies the U-Net once)"),
+      (cfg.train.t_max == 0 or cfg.sample.t_start <= cfg.train.t_max <= cfg.diffusion.num_steps,
+       f"train.t_max must be 0 or in [sample.t_start={cfg.sample.t_start}, "
+       f"diffusion.num_steps={cfg.diffusion.num_steps}] (Phase 2 queries PD up to t_start)"),
+      (s.lr_schedule in ("per_step", "global"),
+       f"sample.lr_schedule must be per_step or global, got {s.lr_schedule!r}"),
+      (r.init in ("phase2", "bicubic"), f"restore.init must be phase2 or bicubic, got {r.init!r}"),
+      (r.weight >= 0 and r.steps >= 1 and r.lr > 0 and 0 < r.lr_end <= r.lr and r.eps > 0,
+       "restore.weight must be >= 0, steps >= 1, 0 < lr_end <= lr and eps > 0"),
       (g.iterations >= 1 and g.steps_per_chunk >= 1 and g.batch_size >= 1,
        "kernelgan.iterations, steps_per_chunk and batch_size must be >= 1"),
       (g.crop_size >= 4 and g.d_depth >= 2 and g.d_kernel >= 1 and g.g_channels >= 1
@@ -323,10 +332,27 @@ def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, wor
         info[key + "_per_sample"] = [float(v) for v in value]
   hr, kernel = np.concatenate(hrs), np.concatenate(kernels)
   if n == 1:
-    return hr[0], kernel[0], info
-  hr = np.clip(hr.astype(np.float64), -1.0, 1.0).mean(axis=0)
-  kernel = kernel.astype(np.float64).mean(axis=0)
-  return hr.astype(np.float32), (kernel / kernel.sum()).astype(np.float32), info
+    hr, kernel = hr[0], kernel[0]
+  else:
+    hr = np.clip(hr.astype(np.float64), -1.0, 1.0).mean(axis=0).astype(np.float32)
+    kernel = kernel.astype(np.float64).mean(axis=0)
+    kernel = (kernel / kernel.sum()).astype(np.float32)
+  if cfg.restore.final:
+    hr, info["final_restore"] = final_restore(cfg, lr_image, hr, kernel, scale)
+  return hr, kernel, info
+
+
+def final_restore(cfg, lr_image, hr, kernel, scale):
+  """``restore.final``: the HR image re-solved with ``kernel`` by :mod:`kfjax.restore`
+  (TV-regularised least squares), from ``hr`` or the bicubic upscale (``restore.init``).
+  Images in [−1, 1]; returns ``(hr, info)``."""
+  t0 = time.time()
+  x_init = (np.asarray(hr) + 1.0) / 2.0 if cfg.restore.init == "phase2" else None
+  x, values = restore.solve_cfg((np.asarray(lr_image) + 1.0) / 2.0,
+                                kernel_net.export_kernel(kernel), scale, cfg.restore, x_init)
+  info = {"init": cfg.restore.init, "final_loss": float(values[-1]),
+          "seconds": round(time.time() - t0, 2)}
+  return np.asarray(x) * 2.0 - 1.0, info
 
 
 def run(image_path, cfg, workdir, kernel_path=None, show_progress=True, method="kernelfusion"):

@@ -4,7 +4,8 @@ State entering reverse step ``i`` is the noisy image ``x`` at level ``ts[i]`` an
 current clean estimate ``x0`` (initially the bicubic upscale). For each step, with one
 noise draw ``ξ`` fixed for the step, ``n`` Adam iterations (``n_iter_first`` at the
 first step, ``n_iter`` after; learning rate cosine-annealed from ``lr`` to ``lr_end``
-within the step, Adam moments carried across steps) minimise::
+within the step, Adam moments carried across steps; ``sample.lr_schedule = "global"``:
+one cosine over all iterations instead) minimise::
 
     a   = R(x0)                                   # U-Net, first application
     x_s = posterior(a, x; ts[i] → ts[i+1]) + σ·ξ  # DDPM step, differentiable in R
@@ -24,6 +25,7 @@ U-Net (``params["unet2"]``), and ``sample.prior = "dip"`` drops the diffusion pr
 (:meth:`Phase2._forward_dip`).
 """
 
+import functools
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -75,6 +77,23 @@ def make_kernel_net(cfg, scale):
 
 def timesteps(cfg):
   return sch.sampling_timesteps(cfg.sample.t_start, cfg.sample.num_steps)
+
+
+def learning_rate(step, j, n_first, n_iter, num_steps, lr, lr_end, schedule="per_step"):
+  """Phase 2's learning rate at iteration ``j`` of reverse step ``step`` (traceable).
+
+  ``"per_step"`` (Algorithm 1): a cosine from ``lr`` to ``lr_end`` over the step's own
+  iterations, restarting at every step. ``"global"``: one cosine over all
+  ``n_first + (num_steps − 1)·n_iter`` iterations of Phase 2.
+  """
+  step = jnp.asarray(step)
+  j = jnp.asarray(j).astype(jnp.float32)
+  if schedule == "global":
+    before = jnp.where(step == 0, 0, n_first + (step - 1) * n_iter).astype(jnp.float32)
+    frac = (before + j) / float(n_first + (num_steps - 1) * n_iter)
+  else:
+    frac = j / jnp.where(step == 0, n_first, n_iter).astype(jnp.float32)
+  return lr_end + 0.5 * (lr - lr_end) * (1.0 + jnp.cos(jnp.pi * frac))
 
 
 class Phase2:
@@ -202,7 +221,10 @@ class Phase2:
     """
     cfg = self.cfg.sample
     n_first, n_iter = int(cfg.n_iter_first), int(cfg.n_iter)
-    lr0, lr1 = float(cfg.lr), float(cfg.lr_end)
+    lr_at = functools.partial(learning_rate, n_first=n_first, n_iter=n_iter,
+                              num_steps=self.num_steps, lr=float(cfg.lr),
+                              lr_end=float(cfg.lr_end),
+                              schedule=cfg.get("lr_schedule", "per_step"))
     per_image = (lambda f, **_: f) if batch is None else jax.vmap
 
     def reverse_step(carry, _):
@@ -225,8 +247,7 @@ class Phase2:
 
       def iteration(c, j):
         params, opt_state, _ = c
-        frac = j.astype(jnp.float32) / n.astype(jnp.float32)
-        lr = lr1 + 0.5 * (lr0 - lr1) * (1.0 + jnp.cos(jnp.pi * frac))
+        lr = lr_at(i, j)
         return update_all(params, opt_state, state.x, state.x0, xi, lr_image, lr)
 
       def inner(c, j):

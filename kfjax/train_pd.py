@@ -68,6 +68,19 @@ def loss_fn(model, sched, params, batch, t, noise):
   return jnp.mean((pred - v[:, h:-h, h:-h, :]) ** 2)
 
 
+def max_level(cfg, sched):
+  """The highest noise level Phase 1 trains on: ``train.t_max``, or every level (0).
+
+  Phase 2 queries PD at ``t <= sample.t_start`` only, so with ``t_max = t_start`` no
+  training is spent on levels it never uses (a kfjax option; the paper trains on all)."""
+  return int(cfg.train.get("t_max", 0)) or int(sched.num_steps)
+
+
+def draw_levels(key, n, t_max):
+  """``n`` noise levels uniform on ``1 … t_max``."""
+  return jax.random.randint(key, (n,), 1, t_max + 1)
+
+
 def make_train_chunk(cfg, model, sched, tx, image, steps):
   """Returns ``chunk(state) -> (state, losses[steps])``, jitted; ``image`` in [−1, 1]."""
   padded = pd_lib.pad_halo(jnp.asarray(image, jnp.float32))
@@ -75,7 +88,7 @@ def make_train_chunk(cfg, model, sched, tx, image, steps):
   max_y = padded.shape[0] - size
   max_x = padded.shape[1] - size
   batch_size = cfg.train.batch_size
-  num_t = sched.num_steps
+  num_t = max_level(cfg, sched)
 
   def sample_batch(rng):
     ky, kx, kt, kn = jax.random.split(rng, 4)
@@ -83,7 +96,7 @@ def make_train_chunk(cfg, model, sched, tx, image, steps):
     xs = jax.random.randint(kx, (batch_size,), 0, max_x + 1)
     cut = lambda y, x: jax.lax.dynamic_slice(padded, (y, x, 0), (size, size, padded.shape[-1]))
     batch = jax.vmap(cut)(ys, xs)
-    t = jax.random.randint(kt, (batch_size,), 1, num_t + 1)
+    t = draw_levels(kt, batch_size, num_t)
     noise = jax.random.normal(kn, batch.shape)
     return batch, t, noise
 

@@ -31,6 +31,7 @@ OPTIONS = {
     "dip": {"sample.prior": "dip"},
     "inr_gaussian_init": {"kernel.init": "gaussian", "kernel.init_steps": 20},
     "sparsity": {"sample.sparsity_weight": 0.5},
+    "lr_global": {"sample.lr_schedule": "global"},
 }
 
 
@@ -279,3 +280,64 @@ def test_presets_are_valid_at_every_scale(name, scale):
   assert k.shape == (6 * scale, 6 * scale) and k.min() >= 0
   np.testing.assert_allclose(float(k.sum()), 1.0, rtol=1e-5)
   assert (cfg.kernel.net == "linear_cnn") == (name == "cpu")
+
+
+# -- issue 16's options: learning-rate schedule, PD levels, final restoration --------------------
+
+def _cosine(frac, lr, lr_end):
+  return lr_end + 0.5 * (lr - lr_end) * (1 + np.cos(np.pi * frac))
+
+
+def test_learning_rate_schedules():
+  kw = dict(n_first=5, n_iter=3, num_steps=4, lr=1e-2, lr_end=1e-4)
+  per = [[float(sampler.learning_rate(i, j, **kw)) for j in range(5 if i == 0 else 3)]
+         for i in range(4)]
+  glob = [[float(sampler.learning_rate(i, j, schedule="global", **kw))
+           for j in range(5 if i == 0 else 3)] for i in range(4)]
+  # Algorithm 1: every step restarts at lr and anneals over its own iterations.
+  np.testing.assert_allclose(per[0], _cosine(np.arange(5) / 5, 1e-2, 1e-4), rtol=1e-6)
+  for i in (1, 2, 3):
+    np.testing.assert_allclose(per[i], _cosine(np.arange(3) / 3, 1e-2, 1e-4), rtol=1e-6)
+  # Global: one cosine over the 5 + 3·3 = 14 iterations, strictly decreasing.
+  flat = np.concatenate(glob)
+  np.testing.assert_allclose(flat, _cosine(np.arange(14) / 14, 1e-2, 1e-4), rtol=1e-5)
+  assert np.all(np.diff(flat) < 0)
+
+
+def test_pd_levels_stay_below_t_max():
+  cfg = _cfg({"train.t_max": 20})
+  sched = train_pd.make_schedule(cfg)
+  assert train_pd.max_level(cfg, sched) == 20
+  assert train_pd.max_level(_cfg(), sched) == cfg.diffusion.num_steps
+  t = np.asarray(train_pd.draw_levels(_key(0), 20000, 20))
+  assert t.min() == 1 and t.max() == 20
+  counts = np.bincount(t, minlength=21)[1:]
+  assert counts.min() > 800   # uniform: 1000 per level expected
+
+
+@pytest.mark.parametrize("bad,needle", [({"train.t_max": 5}, "t_max"),
+                                        ({"sample.lr_schedule": "linear"}, "lr_schedule"),
+                                        ({"restore.init": "noise"}, "restore.init"),
+                                        ({"restore.eps": 0.0}, "restore.weight")])
+def test_new_options_are_validated(bad, needle):
+  with pytest.raises(KfjaxError, match=needle):
+    _cfg(bad)
+
+
+def test_final_restore_is_the_tv_solver_from_phase2s_image():
+  from kfjax import restore
+  cfg = _cfg({"restore.steps": 20})
+  lr = _lr_image()
+  rng = np.random.default_rng(0)
+  hr = np.clip(rng.normal(0, 0.5, (24, 32, 3)), -1, 1).astype(np.float32)
+  k = kernel_net.gaussian_blob(12, 1.0).astype(np.float32)
+  k /= k.sum()
+  got, info = pipeline.final_restore(cfg, lr, hr, k, SCALE)
+  want, values = restore.solve((np.asarray(lr) + 1) / 2, k, SCALE, 1e-4, steps=20, lr=1e-2,
+                               lr_end=1e-4, eps=1e-3, x_init=(hr + 1) / 2)
+  np.testing.assert_allclose(got, np.asarray(want) * 2 - 1, atol=1e-5)  # (float32 rounding)
+  assert info["init"] == "phase2" and info["final_loss"] == pytest.approx(float(values[-1]))
+  # From the bicubic start instead, the result differs.
+  other, _ = pipeline.final_restore(_cfg({"restore.steps": 20, "restore.init": "bicubic"}),
+                                    lr, hr, k, SCALE)
+  assert np.abs(other - got).max() > 1e-3

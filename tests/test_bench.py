@@ -230,9 +230,9 @@ def test_with_overrides_copies_and_rejects_unknown(smoke_cfg):
 def test_kernelfusion_and_nonblind_share_phase1(smoke_cfg, tmp_path):
   wd = str(tmp_path)
   spec = suites.suite("tiny")[0]
-  rows = runner.run([spec], ["kernelfusion", "nonblind"], smoke_cfg, wd, border=2,
-                    show_progress=False)
-  assert [r["status"] for r in rows] == ["ok", "ok"], rows
+  rows = runner.run([spec], ["kernelfusion", "nonblind", "tv_blind", "tv_nonblind", "bicubic"],
+                    smoke_cfg, wd, border=2, show_progress=False)
+  assert [r["status"] for r in rows] == ["ok"] * 5, rows
   case_dir = os.path.join(wd, "runs", spec.name)
   pds = [d for d in os.listdir(case_dir) if d.startswith("pd-")]
   assert len(pds) == 1                       # trained once, restored by the second method
@@ -244,11 +244,23 @@ def test_kernelfusion_and_nonblind_share_phase1(smoke_cfg, tmp_path):
   sr = os.path.join(case_dir, "nonblind", "sr.png")
   from kfjax import io as kio
   assert kio.load_image(sr)[0].shape == (32, 32, 3)
+  # tv_blind reuses kernelfusion's run (one kf-<fingerprint> folder), its kernel and time.
+  assert len([d for d in os.listdir(case_dir) if d.startswith("kf-")]) == 1
+  np.testing.assert_array_equal(np.load(os.path.join(case_dir, "tv_blind", "kernel.npy")), k)
+  assert float(rows[2]["seconds"]) > t_kf
+  assert rows[2]["kernel_ncc"] == rows[0]["kernel_ncc"]
+  assert float(rows[0]["kernel_width"]) > 0
+  # The classical solver with the true kernel beats bicubic on this Gaussian-blur case.
+  assert float(rows[3]["psnr"]) > float(rows[4]["psnr"]) + 1.0
+  assert rows[3]["kernel_ncc"] == "nan"
+  for r in rows:
+    assert float(r["subpixel_psnr"]) >= float(r["psnr"]) - 3.0
 
 
-def test_nonblind_is_not_applicable_without_a_kernel(smoke_cfg, tmp_path):
+@pytest.mark.parametrize("method", ["nonblind", "tv_nonblind"])
+def test_nonblind_is_not_applicable_without_a_kernel(smoke_cfg, tmp_path, method):
   spec = suites.suite("tiny")[1]
-  row = runner.run_one(spec, "nonblind", smoke_cfg, str(tmp_path), 2)
+  row = runner.run_one(spec, method, smoke_cfg, str(tmp_path), 2)
   assert row["status"] == "n/a"
 
 
@@ -292,3 +304,20 @@ def test_fingerprint_leaves_float32_precision_out():
   before = methods.fingerprint_of(cfg)
   cfg.precision = "bfloat16"
   assert methods.fingerprint_of(cfg) != before
+
+
+def test_report_splits_the_gap_on_paired_rows():
+  def row(case, method, value, seed="0"):
+    return {"case": case, "method": method, "scale": "2", "status": "ok", "seed": seed,
+            "subpixel_psnr": str(value)}
+  rows = [row("a", "bicubic", 30), row("a", "tv_nonblind", 34), row("a", "tv_blind", 31),
+          row("a", "nonblind", 32), row("a", "kernelfusion", 29),
+          row("b", "bicubic", 20), row("b", "tv_nonblind", 22), row("b", "tv_blind", 22),
+          row("b", "nonblind", 23),   # b has no kernelfusion row: not paired
+          row("a", "kernelfusion", 35, seed="1")]  # no bicubic row for seed 1: not paired
+  table = report.split_table(rows)
+  lines = {ln.split("|")[2].strip(): ln for ln in table.splitlines()[2:]}
+  assert "| 2 | -0.50 | -2.00 | +1.00 |" in lines["restoration: nonblind − tv_nonblind"]
+  assert "| 2 | +1.50 | +0.00 | +3.00 |" in lines["kernel's cost: tv_nonblind − tv_blind"]
+  assert "| 1 | -1.00 | -1.00 | -1.00 |" in lines["blind − bicubic"]
+  assert report.split_table([row("a", "bicubic", 30)]) is None

@@ -108,11 +108,12 @@ def test_compile_cache_is_filled_then_reused(blind_run, lr_png, private_compile_
 def test_rerun_restores_pd_and_nonblind_uses_given_kernel(blind_run, lr_png):
   wd, _ = blind_run
   res = _cli("--image", lr_png[0], "--config", "smoke", "--workdir", wd, "--quiet",
-             "--kernel", lr_png[1])
+             "--kernel", lr_png[1], "--config.restore.final=True", "--config.restore.steps=5")
   assert res.returncode == 0, res.stderr[-3000:]
   summary = json.load(open(os.path.join(wd, "summary.json")))
   assert summary["phase1"]["restored_step"] == 6
   assert summary["mode"] == "nonblind"
+  assert summary["phase2"]["final_restore"]["init"] == "phase2"   # restore.final ran
   k_true = np.load(lr_png[1])
   np.testing.assert_allclose(np.load(os.path.join(wd, "kernel.npy")), k_true, atol=1e-6)
 

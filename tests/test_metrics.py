@@ -138,3 +138,57 @@ def test_kernel_psnr():
   assert metrics.kernel_psnr(0.5 * (est + k), k) > base
   fkp = 20 * np.log10(1 / np.sqrt(((est - k) ** 2).mean()))
   assert metrics.kernel_psnr(est, k, data_range=1.0) == pytest.approx(fkp)
+
+
+# -- sub-pixel aligned PSNR and kernel width ---------------------------------------------------
+
+def _smooth_field(dy=0.0, dx=0.0, n=64):
+  """An analytic, band-limited colour image sampled at ``(i − dy, j − dx)``."""
+  i, j = np.mgrid[0:n, 0:n].astype(np.float64)
+  i, j = i - dy, j - dx
+  return np.stack([0.5 + 0.3 * np.sin(0.31 * i + 0.17 * j), 0.5 + 0.25 * np.cos(0.23 * j - 0.11 * i),
+                   0.5 + 0.2 * np.sin(0.19 * (i + j))], -1)
+
+
+@pytest.mark.parametrize("dy,dx", [(0.375, -0.25), (-1.125, 0.5), (0.0, 0.875)])
+def test_subpixel_psnr_finds_a_known_fractional_shift(dy, dx):
+  a = _smooth_field()
+  b = _smooth_field(dy, dx)   # b[i + dy, j + dx] = f(i, j) = a[i, j]
+  value, shift = metrics.subpixel_psnr(a, b, crop=2, return_shift=True)
+  assert shift == pytest.approx((dy, dx), abs=1e-9)
+  assert value > 45.0
+  # Unaligned, the same pair is far worse; the integer search cannot fix a fraction.
+  assert metrics.psnr(a, b, crop=4) < value - 15
+  assert metrics.shift_psnr(a, b, crop=2) < value - 10
+
+
+def test_subpixel_psnr_at_zero_shift_is_plain_psnr_on_the_same_pixels():
+  rng = np.random.default_rng(0)
+  a = rng.uniform(size=(40, 40, 3))
+  b = np.clip(a + 0.01 * rng.normal(size=a.shape), 0, 1)
+  value, shift = metrics.subpixel_psnr(a, b, max_shift=1.0, crop=3, return_shift=True)
+  assert shift == (0.0, 0.0)     # white noise: any displacement decorrelates
+  assert value == pytest.approx(metrics.psnr(a, b, crop=3 + 2), abs=1e-9)
+
+
+def test_kernel_covariance_of_a_gaussian():
+  # A fine-grid anisotropic Gaussian: its discrete second moments are the covariance used
+  # to draw it (numerical check with NumPy's own weighted covariance).
+  cov = np.array([[4.0, 1.2], [1.2, 2.5]])
+  r = np.arange(41) - 20.0
+  yy, xx = np.meshgrid(r, r, indexing="ij")
+  pts = np.stack([yy.ravel(), xx.ravel()], -1)
+  k = np.exp(-0.5 * np.einsum("ni,ij,nj->n", pts, np.linalg.inv(cov), pts)).reshape(41, 41)
+  np.testing.assert_allclose(metrics.kernel_covariance(k), cov, rtol=1e-6)
+  np.testing.assert_allclose(metrics.kernel_covariance(k),
+                             np.cov(pts.T, aweights=k.ravel(), bias=True), rtol=1e-12)
+
+
+def test_kernel_width_ratio():
+  k1 = kernels.gaussian(24, 4, sigma=1.5)
+  k2 = kernels.gaussian(24, 4, sigma=3.0)
+  assert metrics.kernel_width_ratio(k1, k1) == pytest.approx(1.0)
+  assert metrics.kernel_width_ratio(k2, k1) == pytest.approx(2.0, rel=0.02)
+  assert metrics.kernel_width_ratio(k1, k2) == pytest.approx(0.5, rel=0.02)
+  # A shifted copy has the same width.
+  assert metrics.kernel_width_ratio(np.roll(k1, 2, axis=1), k1) == pytest.approx(1.0, rel=1e-6)

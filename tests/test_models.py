@@ -218,6 +218,28 @@ def test_siren_kernel(siren_kernel):
   assert abs(float(e.astype(np.float64).sum()) - 1.0) < 1e-6
 
 
+def test_siren_init_is_not_point_symmetric():
+  # With zero biases (Flax's default) every layer is odd in the coordinates, so the
+  # initial kernel had k(g) + k(−g) = const exactly; SIREN/PyTorch draw the biases.
+  for seed in range(3):
+    net = kernel_net.SirenKernel(size=12, width=32, depth=5, omega=5.0)
+    params = net.init(_key(20 + seed))
+    k = np.asarray(jax.jit(net.apply)(params), np.float64)
+    pair = k + k[::-1, ::-1]
+    assert pair.std() / pair.mean() > 1e-3
+    for name, layer in params["params"].items():
+      fan_in = layer["kernel"].shape[0]
+      b = np.asarray(layer["bias"])
+      assert np.abs(b).max() <= 1.0 / np.sqrt(fan_in) and np.abs(b).max() > 0.2 / np.sqrt(fan_in)
+  # The zero-bias net really is point-symmetric (so the check above can fail).
+  zeroed = jax.tree.map(lambda a: a, params)
+  for layer in zeroed["params"].values():
+    layer["bias"] = jnp.zeros_like(layer["bias"])
+  k0 = np.asarray(jax.jit(net.apply)(zeroed), np.float64)
+  pair0 = k0 + k0[::-1, ::-1]
+  assert pair0.std() / pair0.mean() < 1e-5
+
+
 def test_export_kernel_clips_negative():
   k = np.array([[0.5, -1e-4], [0.3, 0.2001]])
   e = kernel_net.export_kernel(k)
@@ -316,7 +338,7 @@ def inr_inits():
   """A default-initialised SIREN and the same one fitted to a Gaussian (K = 12, ×2)."""
   import ml_collections
   kcfg = ml_collections.ConfigDict(dict(net="inr", width=32, depth=3, omega=5.0, init="gaussian",
-                                        init_sigma=0.5, init_steps=400))
+                                        init_sigma=0.5, init_steps=800))
   net = kernel_net.make(kcfg, 12, 2)
   fitted = jax.jit(lambda k: net.apply(kernel_net.initial_params(net, kcfg, 2, k)))(_key(3))
   default = jax.jit(lambda k: net.apply(net.init(k)))(_key(3))
@@ -345,7 +367,7 @@ def test_gaussian_init_fits_the_gaussian(inr_inits):
 def test_fit_kernel_reaches_an_off_centre_target():
   net = kernel_net.SirenKernel(size=8, width=32, depth=3, omega=5.0)
   target = _gauss(8, 2.0, 5.0, sigma=0.9)
-  k = np.asarray(jax.jit(lambda p: net.apply(kernel_net.fit_kernel(net, p, target * 7.0, 400)))(
+  k = np.asarray(jax.jit(lambda p: net.apply(kernel_net.fit_kernel(net, p, target * 7.0, 800)))(
       net.init(_key(4))))
   ncc = (k * target).sum() / np.sqrt((k * k).sum() * (target * target).sum())
   assert ncc > 0.995  # target rescaled by 7: fit_kernel normalises it

@@ -32,6 +32,7 @@ from kfjax import checkpoint as ckpt
 from kfjax import io as kio
 from kfjax import pipeline
 from kfjax import resize
+from kfjax import restore
 from kfjax.errors import KfjaxError
 from kfjax.models import kernel_net
 
@@ -134,14 +135,63 @@ def bicubic(case, cfg, workdir):
   return Result(sr=sr, seconds=time.time() - t0)
 
 
+def blind_result(case, cfg, case_dir):
+  """Blind KernelFusion's ``Result`` on ``case``, kept in ``<case dir>/kf-<fingerprint>/``
+  (the whole config's) so that ``tv_blind`` reuses the run of ``kernelfusion`` (and vice
+  versa) instead of repeating it; its seconds are the original run's."""
+  d = os.path.join(case_dir, f"kf-{fingerprint_of(cfg)}")
+  files = {n: os.path.join(d, n) for n in ("sr.npy", "kernel.npy", "info.json")}
+  if all(os.path.exists(f) for f in files.values()):
+    info = json.load(open(files["info.json"]))
+    return Result(sr=np.load(files["sr.npy"]), kernel=np.load(files["kernel.npy"]),
+                  seconds=info["seconds"], info=info["info"])
+  model, params, t1 = trained_pd(case, cfg, case_dir)
+  sr, k, t2 = phase2(case, cfg, (model, params))
+  result = Result(sr=sr, kernel=k, seconds=t1 + t2,
+                  info={"seconds_phase1": t1, "seconds_phase2": t2})
+  os.makedirs(d, exist_ok=True)
+  kio.save_array_atomic(files["sr.npy"], np.asarray(sr, np.float32))
+  kio.save_array_atomic(files["kernel.npy"], np.asarray(k, np.float32))
+  kio.save_text_atomic(files["info.json"], json.dumps({"seconds": result.seconds,
+                                                       "info": result.info}))
+  return result
+
+
 @register("kernelfusion")
 def kernelfusion(case, cfg, workdir):
   """Blind KernelFusion: Phase 1 + Phase 2 with the kernel estimated."""
+  return blind_result(case, _prepare(case, cfg), _case_dir(workdir))
+
+
+def _tv(case, cfg, kernel):
+  t0 = time.time()
+  x, _ = restore.solve_cfg(case.lr, kernel, case.spec.scale, cfg.restore)
+  return np.asarray(x, np.float64), time.time() - t0
+
+
+@register("tv_nonblind")
+def tv_nonblind(case, cfg, workdir):
+  """Classical non-blind SR: TV-regularised least squares with the TRUE kernel from the
+  bicubic start (:mod:`kfjax.restore`, ``cfg.restore``; no diffusion, no network)."""
+  del workdir
+  if case.kernel is None:
+    raise NotApplicable("no true kernel for a non-linear degradation")
   cfg = _prepare(case, cfg)
-  model, params, t1 = trained_pd(case, cfg, _case_dir(workdir))
-  sr, k, t2 = phase2(case, cfg, (model, params))
-  return Result(sr=sr, kernel=k, seconds=t1 + t2,
-                info={"seconds_phase1": t1, "seconds_phase2": t2})
+  sr, seconds = _tv(case, cfg, case.kernel)
+  return Result(sr=sr, kernel=None, seconds=seconds)
+
+
+@register("tv_blind")
+def tv_blind(case, cfg, workdir):
+  """The TV solver of ``tv_nonblind`` fed with blind KernelFusion's estimated kernel:
+  against ``tv_nonblind`` it measures what the kernel's error costs under a solver that
+  uses a kernel well. Reuses the case's ``kernelfusion`` run (same config) when there is
+  one; its time counts."""
+  cfg = _prepare(case, cfg)
+  kf = blind_result(case, cfg, _case_dir(workdir))
+  sr, seconds = _tv(case, cfg, kf.kernel)
+  return Result(sr=sr, kernel=kf.kernel, seconds=kf.seconds + seconds,
+                info={**kf.info, "seconds_tv": seconds})
 
 
 @register("nonblind")

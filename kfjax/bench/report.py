@@ -17,8 +17,17 @@ import numpy as np
 from kfjax import io as kio
 
 METRICS = (("kernel_ncc", "kernel NCC", "{:.3f}"), ("kernel_psnr", "kernel PSNR", "{:.2f}"),
-           ("psnr", "PSNR", "{:.2f}"), ("y_psnr", "Y-PSNR", "{:.2f}"),
+           ("kernel_width", "kernel width", "{:.2f}"),
+           ("psnr", "PSNR", "{:.2f}"), ("subpixel_psnr", "aligned PSNR", "{:.2f}"),
+           ("y_psnr", "Y-PSNR", "{:.2f}"),
            ("ssim", "SSIM", "{:.4f}"), ("seconds", "s / case", "{:.0f}"))
+
+# The gap split (issue "quality"): each line is a difference of two methods' aligned PSNR,
+# paired over the (case, seed) rows both finished.
+SPLIT = (("restoration: nonblind − tv_nonblind", "nonblind", "tv_nonblind"),
+         ("kernel's cost: tv_nonblind − tv_blind", "tv_nonblind", "tv_blind"),
+         ("blind − bicubic", "kernelfusion", "bicubic"),
+         ("tv_blind − bicubic", "tv_blind", "bicubic"))
 
 
 def _num(v):
@@ -29,7 +38,7 @@ def _num(v):
 
 
 def _mean(rows, key):
-  vals = [_num(r[key]) for r in rows if r["status"] == "ok"]
+  vals = [_num(r.get(key)) for r in rows if r["status"] == "ok"]
   vals = [v for v in vals if np.isfinite(v)]
   return float(np.mean(vals)) if vals else float("nan")
 
@@ -60,12 +69,14 @@ def summary_table(rows, group=("scale", "family")):
 
 
 def case_table(rows):
-  head = "| case | method | status | kernel NCC | PSNR | Y-PSNR | SSIM | s |"
-  lines = [head, "|---|---|---|---|---|---|---|---|"]
+  head = ("| case | method | status | kernel NCC | kernel width | PSNR | aligned PSNR | "
+          "Y-PSNR | SSIM | s |")
+  lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    cells = [_cell(_num(r[k]), f) for k, f in (("kernel_ncc", "{:.3f}"), ("psnr", "{:.2f}"),
-                                               ("y_psnr", "{:.2f}"), ("ssim", "{:.4f}"),
-                                               ("seconds", "{:.0f}"))]
+    cells = [_cell(_num(r.get(k)), f) for k, f in (
+        ("kernel_ncc", "{:.3f}"), ("kernel_width", "{:.2f}"), ("psnr", "{:.2f}"),
+        ("subpixel_psnr", "{:.2f}"), ("y_psnr", "{:.2f}"), ("ssim", "{:.4f}"),
+        ("seconds", "{:.0f}"))]
     status = r["status"] if r["status"] != "error" else f"error: {r['error'][:80]}"
     lines.append(f"| {r['case']} | {r['method']} | {status} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -103,6 +114,23 @@ def seed_table(rows):
   return "\n".join(lines) if len(lines) > 2 else None
 
 
+def split_table(rows, key="subpixel_psnr"):
+  """Per scale, the mean (and min, count) of each :data:`SPLIT` difference, or None."""
+  lines = ["| scale | difference (aligned PSNR, dB) | pairs | mean | min | max |",
+           "|---|---|---|---|---|---|"]
+  for scale in dict.fromkeys(r["scale"] for r in rows):
+    by = {}
+    for r in rows:
+      if r["scale"] == scale and r["status"] == "ok" and np.isfinite(_num(r.get(key))):
+        by[(r["case"], _seed(r), r["method"])] = _num(r.get(key))
+    for label, m1, m2 in SPLIT:
+      d = [v - by[(c, sd, m2)] for (c, sd, m), v in by.items() if m == m1 and (c, sd, m2) in by]
+      if d:
+        lines.append(f"| {scale} | {label} | {len(d)} | {np.mean(d):+.2f} | {np.min(d):+.2f} | "
+                     f"{np.max(d):+.2f} |")
+  return "\n".join(lines) if len(lines) > 2 else None
+
+
 def markdown(rows, title, command=None):
   parts = [f"# {title}", ""]
   if command:
@@ -115,6 +143,9 @@ def markdown(rows, title, command=None):
   overall = [dict(r, all="all") for r in rows]
   parts += ["## Means per scale and degradation", "", summary_table(rows), "",
             "## Means per scale", "", summary_table(overall, ("scale",)), ""]
+  split = split_table(rows)
+  if split:
+    parts += ["## Where the gap is", "", split, ""]
   seeds = seed_table(rows)
   if seeds:
     parts += ["## Spread over seeds", "", seeds, ""]

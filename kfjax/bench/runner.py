@@ -36,7 +36,7 @@ from kfjax.bench import suites
 
 FIELDS = ["case", "photo", "family", "scale", "method", "preset", "config", "status",
           "kernel_ncc", "kernel_psnr", "psnr", "y_psnr", "ssim", "shift_psnr", "seconds",
-          "device", "date", "error", "seed"]
+          "device", "date", "error", "seed", "subpixel_psnr", "kernel_width"]
 DONE = ("ok", "n/a")
 
 
@@ -68,10 +68,12 @@ def score(case, result, border):
          else metrics.psnr(sr, hr, crop=border),
          "ssim": metrics.ssim(sr, hr, crop=border),
          "shift_psnr": metrics.shift_psnr(sr, hr, crop=border),
-         "kernel_ncc": float("nan"), "kernel_psnr": float("nan")}
+         "subpixel_psnr": metrics.subpixel_psnr(sr, hr, crop=border),
+         "kernel_ncc": float("nan"), "kernel_psnr": float("nan"), "kernel_width": float("nan")}
   if result.kernel is not None and case.kernel is not None:
     out["kernel_ncc"] = metrics.kernel_ncc(result.kernel, case.kernel)
     out["kernel_psnr"] = metrics.kernel_psnr(result.kernel, case.kernel)
+    out["kernel_width"] = metrics.kernel_width_ratio(result.kernel, case.kernel)
   return out
 
 

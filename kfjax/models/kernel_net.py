@@ -36,12 +36,26 @@ def coordinate_grid(size):
   return jnp.stack([yy.ravel(), xx.ravel()], axis=-1)
 
 
-def _siren_init(omega, fan_in, first):
-  bound = 1.0 / fan_in if first else np.sqrt(6.0 / fan_in) / omega
-
+def _uniform(bound):
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
   return init
+
+
+def _siren_init(omega, fan_in, first):
+  """SIREN's weight init (Sitzmann et al. 2020): U(±1/fan_in) in the first layer,
+  U(±sqrt(6/fan_in)/ω) after it."""
+  return _uniform(1.0 / fan_in if first else np.sqrt(6.0 / fan_in) / omega)
+
+
+def _torch_bias_init(fan_in):
+  """PyTorch's ``nn.Linear`` default bias init, U(±1/sqrt(fan_in)), which SIREN keeps.
+
+  Flax's default (zero biases) would make every ``sin`` layer, and so the whole net before
+  the final affine map, an odd function of the coordinates: the initial kernel would then
+  satisfy ``k(g) + k(−g) = const`` exactly, a point symmetry no real kernel has to have.
+  """
+  return _uniform(1.0 / np.sqrt(fan_in))
 
 
 class SirenKernel(nn.Module):
@@ -57,10 +71,11 @@ class SirenKernel(nn.Module):
     fan_in = 2
     for i in range(self.depth - 1):
       h = nn.Dense(self.width, kernel_init=_siren_init(self.omega, fan_in, i == 0),
-                   name=f"sine{i}")(h)
+                   bias_init=_torch_bias_init(fan_in), name=f"sine{i}")(h)
       h = jnp.sin(self.omega * h)
       fan_in = self.width
-    z = nn.Dense(1, kernel_init=_siren_init(self.omega, fan_in, False), name="out")(h)
+    z = nn.Dense(1, kernel_init=_siren_init(self.omega, fan_in, False),
+                 bias_init=_torch_bias_init(fan_in), name="out")(h)
     k = leaky_sigmoid(z[:, 0]).reshape(self.size, self.size)
     return k / jnp.sum(k)
 
