@@ -52,6 +52,10 @@ def base_config():
       init="default",
       init_sigma=0.25,      # tuned on the cpu preset (BENCHMARKS.md, "Tuning")
       init_steps=1000,
+      # After Phase 2, taps below threshold × the kernel's maximum are zeroed and the rest
+      # renormalised (kernel_net.threshold_kernel; KernelGAN's post-processing, not in
+      # KernelFusion). 0: off. Blind runs only; restore.final then uses the cleaned kernel.
+      threshold=0.0,
   ))
   cfg.sample = ml_collections.ConfigDict(dict(
       t_start=200,          # first noise level (unofficial port: 200)

@@ -121,6 +121,7 @@ def _ablation_checks(cfg):
        f"diffusion.num_steps={cfg.diffusion.num_steps}] (Phase 2 queries PD up to t_start)"),
       (s.lr_schedule in ("per_step", "global"),
        f"sample.lr_schedule must be per_step or global, got {s.lr_schedule!r}"),
+      (0 <= k.threshold < 1, f"kernel.threshold must be in [0, 1), got {k.threshold}"),
       (r.init in ("phase2", "bicubic"), f"restore.init must be phase2 or bicubic, got {r.init!r}"),
       (r.weight >= 0 and r.steps >= 1 and r.lr > 0 and 0 < r.lr_end <= r.lr and r.eps > 0,
        "restore.weight must be >= 0, steps >= 1, 0 < lr_end <= lr and eps > 0"),
@@ -337,6 +338,8 @@ def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, wor
     hr = np.clip(hr.astype(np.float64), -1.0, 1.0).mean(axis=0).astype(np.float32)
     kernel = kernel.astype(np.float64).mean(axis=0)
     kernel = (kernel / kernel.sum()).astype(np.float32)
+  if fixed_kernel is None and cfg.kernel.threshold > 0:
+    kernel = kernel_net.threshold_kernel(kernel, cfg.kernel.threshold)
   if cfg.restore.final:
     hr, info["final_restore"] = final_restore(cfg, lr_image, hr, kernel, scale)
   return hr, kernel, info

@@ -318,7 +318,8 @@ def test_pd_levels_stay_below_t_max():
 @pytest.mark.parametrize("bad,needle", [({"train.t_max": 5}, "t_max"),
                                         ({"sample.lr_schedule": "linear"}, "lr_schedule"),
                                         ({"restore.init": "noise"}, "restore.init"),
-                                        ({"restore.eps": 0.0}, "restore.weight")])
+                                        ({"restore.eps": 0.0}, "restore.weight"),
+                                        ({"kernel.threshold": 1.0}, "kernel.threshold")])
 def test_new_options_are_validated(bad, needle):
   with pytest.raises(KfjaxError, match=needle):
     _cfg(bad)
@@ -341,3 +342,31 @@ def test_final_restore_is_the_tv_solver_from_phase2s_image():
   other, _ = pipeline.final_restore(_cfg({"restore.steps": 20, "restore.init": "bicubic"}),
                                     lr, hr, k, SCALE)
   assert np.abs(other - got).max() > 1e-3
+
+
+def test_threshold_kernel_matches_numpy():
+  rng = np.random.default_rng(3)
+  k = rng.normal(0.02, 0.03, (12, 12))
+  k[5:7, 5:7] += 0.5
+  got = kernel_net.threshold_kernel(k, 0.2)
+  want = np.clip(k, 0, None)
+  want[want < 0.2 * want.max()] = 0
+  want /= want.sum()
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert got.dtype == np.float32 and (got > 0).sum() == (want > 0).sum() < 144
+  np.testing.assert_allclose(kernel_net.threshold_kernel(k, 0.0), kernel_net.export_kernel(k),
+                             rtol=1e-6)
+
+
+def test_blind_phase2_thresholds_its_kernel_and_nonblind_keeps_the_given_one(pd):
+  model, params, _ = pd
+  lr = np.asarray(_lr_image())
+  cfg = _cfg({"kernel.threshold": 0.9, "sample.num_steps": 2, "sample.steps_per_chunk": 2})
+  _, k, _ = pipeline.run_phase2(cfg, model, params, lr, SCALE, show_progress=False)
+  assert k.min() == 0 and k[k > 0].min() >= 0.9 * k.max() and abs(k.sum() - 1) < 1e-6
+  given = np.full((12, 12), 1 / 144, np.float32)
+  given[0, 0] = 0.1 / 144
+  given /= given.sum()
+  _, k2, _ = pipeline.run_phase2(cfg, model, params, lr, SCALE, fixed_kernel=given,
+                                 show_progress=False)
+  np.testing.assert_array_equal(k2, given)
