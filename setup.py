@@ -27,6 +27,7 @@ setup(
         "tifffile>=2023.7.10",
         "imagecodecs>=2024.6.1",     # 16-bit PNG (Pillow reads colour ones at 8 bits)
         "absl-py>=2.0,<3",
+        "filelock>=3.12,<4",         # JAX's compilation cache needs it to cap its size
         "tqdm>=4.65,<5",
         "scipy>=1.11,<2",            # kernel zoo (kfjax.kernels)
         "scikit-image>=0.22,<0.27",  # SSIM, and the bundled photos used as examples

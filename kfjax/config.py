@@ -151,3 +151,21 @@ def expand_preset_names(argv):
     elif arg == "--config" and i + 1 < len(out) and out[i + 1] in PRESETS:
       out[i + 1] = preset_path(out[i + 1])
   return out
+
+
+def parse_flags(argv, fail):
+  """absl's flag parsing with the presets' bare names expanded; a bad flag or a bad
+  ``--config.<field>=<value>`` override ends in ``fail(one line)`` instead of a traceback."""
+  from absl import flags  # noqa: PLC0415
+  try:
+    return flags.FLAGS(expand_preset_names(argv))
+  except flags.Error as e:
+    fail(str(e).splitlines()[0] if str(e) else "bad flags")
+  except (AttributeError, KeyError) as e:
+    # ml_collections raises these, lazily, for an override of a field that does not exist.
+    name = str(e).strip("\"' ")
+    given = [a.split("=")[0][len("--config."):] for a in argv if a.startswith("--config.")]
+    field = next((g for g in given if g.split(".")[-1] == name), name)
+    fail(f"the config has no field {field!r} (see the preset file for the fields)")
+  except (TypeError, ValueError) as e:
+    fail(f"bad --config override: {str(e).splitlines()[0] if str(e) else type(e).__name__}")

@@ -381,7 +381,10 @@ def run(image_path, cfg, workdir, kernel_path=None, show_progress=True, method="
   for w in caught:
     log(f"warning: {w.message}")
   fixed = load_kernel(kernel_path) if kernel_path else None
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise KfjaxError(f"{workdir}: cannot create the workdir ({e.strerror or e})") from None
   if not os.access(workdir, os.W_OK):
     raise KfjaxError(f"{workdir}: workdir is not writable")
   log(f"preset '{cfg.name}' on {device_description()}; image {info.width}x{info.height}x"

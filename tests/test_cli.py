@@ -148,6 +148,10 @@ def test_workdir_for_another_image_is_refused(blind_run, tmp_path):
     (["--image", "{good}", "--kernel", "/nonexistent/k.npy"], "no such kernel"),
     (["--image", "{good}", "--kernel", "{badk}"], "square"),
     (["--image", "{good}", "--config", "/nonexistent/cfg.py"], "cfg.py"),
+    (["--image", "{good}", "--config.bogus=1"], "no field 'bogus'"),
+    (["--image", "{good}", "--config.train.bogus=1"], "no field 'train.bogus'"),
+    (["--image", "{good}", "--config.train.steps=abc"], "--config.train.steps"),
+    (["--image", "{good}", "--workdir", "{blocked}/wd"], "cannot create the workdir"),
     ([], "--image"),
 ])
 def test_bad_input_gives_one_clear_line(tmp_path, lr_png, args, needle):
@@ -157,9 +161,13 @@ def test_bad_input_gives_one_clear_line(tmp_path, lr_png, args, needle):
   kio.save_image(small, np.zeros((10, 10, 3)))
   badk = str(tmp_path / "badk.npy")
   np.save(badk, np.ones((3, 4)))
-  args = [a.format(txt=txt, small=small, good=lr_png[0], badk=badk) for a in args]
+  blocked = tmp_path / "a_file"
+  blocked.write_text("")
+  args = [a.format(txt=txt, small=small, good=lr_png[0], badk=badk, blocked=blocked)
+          for a in args]
   preset = [] if "--config" in args else ["--config", "smoke"]
-  res = _cli(*preset, *args, "--workdir", str(tmp_path / "wd"), "--quiet")
+  workdir = [] if "--workdir" in args else ["--workdir", str(tmp_path / "wd")]
+  res = _cli(*preset, *args, *workdir, "--quiet")
   assert res.returncode != 0
   assert "Traceback" not in res.stderr, res.stderr[-2000:]
   assert needle in res.stderr, res.stderr[-2000:]

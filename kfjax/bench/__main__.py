@@ -114,10 +114,7 @@ def main(argv):
 
 
 def _parse_flags(argv):
-  try:
-    return flags.FLAGS(config_lib.expand_preset_names(argv))
-  except flags.Error as e:
-    _fail(str(e).splitlines()[0] if str(e) else "bad flags")
+  return config_lib.parse_flags(argv, _fail)
 
 
 if __name__ == "__main__":
