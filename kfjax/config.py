@@ -72,6 +72,10 @@ def base_config():
       lr_schedule="per_step",
       com_weight=1e-2,      # centre-of-mass weight (not published)
       sparsity_weight=0.0,  # λ_sp·mean((|k|+ε)^0.2), KernelGAN's sparsity prior (0: off, paper)
+      # λ_tv·(TV(a) + TV(b)): kfjax.restore's total variation of both U-Net outputs (images
+      # in [−1, 1]), × (s/2)² at scales other than 2. The consistency alone lets the U-Net
+      # ring or over-sharpen (and the kernel widen to match); 0: off (the paper).
+      tv_weight=0.0,
       # Independent runs of Phase 2 (own U-Net/kernel init and noise); sr.png and
       # kernel.npy are their means (a kfjax option; 1: the paper's single run).
       num_samples=1,

@@ -111,6 +111,7 @@ def _ablation_checks(cfg):
       (k.init in ("default", "gaussian"), f"kernel.init must be default or gaussian, got {k.init!r}"),
       (k.init_sigma > 0 and k.init_steps >= 1, "kernel.init_sigma must be > 0 and init_steps >= 1"),
       (s.sparsity_weight >= 0, f"sample.sparsity_weight must be >= 0, got {s.sparsity_weight}"),
+      (s.tv_weight >= 0, f"sample.tv_weight must be >= 0, got {s.tv_weight}"),
       (s.prior in PRIORS, f"sample.prior must be one of {', '.join(PRIORS)}, got {s.prior!r}"),
       (s.dip_input in ("bicubic", "noise"),
        f"sample.dip_input must be bicubic or noise, got {s.dip_input!r}"),

@@ -10,7 +10,7 @@ one cosine over all iterations instead) minimise::
     a   = R(x0)                                   # U-Net, first application
     x_s = posterior(a, x; ts[i] → ts[i+1]) + σ·ξ  # DDPM step, differentiable in R
     b   = R(x0_from_v(x_s, PD(x_s, ts[i+1])))     # PD denoises, same U-Net again
-    L   = mse(I_LR, (a*k)↓s) + mse(I_LR, (b*k)↓s) + λ_com·COM(k) [+ λ_sp·S(k)]
+    L   = mse(I_LR, (a*k)↓s) + mse(I_LR, (b*k)↓s) + λ_com·COM(k) [+ λ_sp·S(k)] [+ λ_tv·(TV(a) + TV(b))]
 
 then ``x0 ← b`` and ``x ← x_s`` (both from the last iteration). The result is the
 final ``b`` and the kernel. The inner loop is a ``lax.scan`` as long as the longest step
@@ -36,6 +36,7 @@ import optax
 from kfjax import degrade
 from kfjax import ops
 from kfjax import resize
+from kfjax import restore
 from kfjax import schedule as sch
 from kfjax import train_pd
 from kfjax.models import kernel_net
@@ -157,6 +158,12 @@ class Phase2:
     cons_b = jnp.mean((degrade.downscale(b, k, self.scale) - lr_image) ** 2)
     com = kernel_net.center_of_mass_loss(k)
     loss = cons_a + cons_b + self.cfg.sample.com_weight * com
+    tv_weight = restore.weight_at(self.cfg.sample.get("tv_weight", 0.0), self.scale)
+    if tv_weight:
+      # restore.tv on [−1, 1] images: ε doubled so the smoothing matches the [0, 1] solver's.
+      eps = 2.0 * float(self.cfg.restore.eps)
+      loss = loss + tv_weight * (restore.tv(a.astype(jnp.float32), eps)
+                                 + restore.tv(b.astype(jnp.float32), eps))
     sparsity = float(self.cfg.sample.get("sparsity_weight", 0.0))
     if sparsity and self.fixed_kernel is None:
       loss = loss + sparsity * kernel_net.sparsity_loss(k)

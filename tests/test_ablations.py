@@ -32,6 +32,7 @@ OPTIONS = {
     "inr_gaussian_init": {"kernel.init": "gaussian", "kernel.init_steps": 20},
     "sparsity": {"sample.sparsity_weight": 0.5},
     "lr_global": {"sample.lr_schedule": "global"},
+    "tv": {"sample.tv_weight": 1e-2},
 }
 
 
@@ -148,6 +149,11 @@ def test_option_specifics(option_run):
     np.testing.assert_array_equal(m.cons_a, m.cons_b)
     np.testing.assert_allclose(m.loss, 2 * m.cons_a + w * m.com, rtol=1e-5, atol=1e-7)
     assert not np.array_equal(r["hr"], np.asarray(state.x0))  # result is R(x0)
+  elif name == "tv":
+    # λ_tv·(TV(a) + TV(b)) is in the loss: positive, and at most λ_tv·2·sqrt(8C + ε²) for
+    # images in [−1, 1] (each difference at most 2 in each of C channels, two directions).
+    extra = m.loss - (m.cons_a + m.cons_b + w * m.com)
+    assert np.all(extra > 0) and np.all(extra <= 1e-2 * 2 * np.sqrt(8 * LR_SHAPE[2] + 1))
   elif name != "sparsity":
     np.testing.assert_allclose(m.loss, m.cons_a + m.cons_b + w * m.com, rtol=1e-5, atol=1e-7)
 
@@ -319,7 +325,8 @@ def test_pd_levels_stay_below_t_max():
                                         ({"sample.lr_schedule": "linear"}, "lr_schedule"),
                                         ({"restore.init": "noise"}, "restore.init"),
                                         ({"restore.eps": 0.0}, "restore.weight"),
-                                        ({"kernel.threshold": 1.0}, "kernel.threshold")])
+                                        ({"kernel.threshold": 1.0}, "kernel.threshold"),
+                                        ({"sample.tv_weight": -1.0}, "tv_weight")])
 def test_new_options_are_validated(bad, needle):
   with pytest.raises(KfjaxError, match=needle):
     _cfg(bad)
