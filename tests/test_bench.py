@@ -255,6 +255,17 @@ def test_kernelfusion_and_nonblind_share_phase1(smoke_cfg, tmp_path):
   assert rows[3]["kernel_ncc"] == "nan"
   for r in rows:
     assert float(r["subpixel_psnr"]) >= float(r["psnr"]) - 3.0
+  # The post-processing sweep re-derives tv_blind (threshold 0) and tv_nonblind from the
+  # stored run: the same numbers as the runner's rows.
+  from kfjax.bench import postprocess
+  postprocess.main(["--workdir", wd, "--thresholds", "0,0.9", "--sigmas", "0.5", "--border", "2"])
+  with open(os.path.join(wd, "postprocess.csv")) as f:
+    (pp,) = list(csv.DictReader(f))
+  assert float(pp["thr0"]) == pytest.approx(float(rows[2]["subpixel_psnr"]), abs=1e-3)
+  assert float(pp["tv_true"]) == pytest.approx(float(rows[3]["subpixel_psnr"]), abs=1e-3)
+  assert float(pp["bicubic"]) == pytest.approx(float(rows[4]["subpixel_psnr"]), abs=1e-3)
+  assert float(pp["phase2"]) == pytest.approx(float(rows[0]["subpixel_psnr"]), abs=1e-3)
+  assert float(pp["width0.9"]) < float(pp["width0"])
 
 
 @pytest.mark.parametrize("method", ["nonblind", "tv_nonblind"])

@@ -1,0 +1,129 @@
+"""What post-processing a blind run's kernel would give, without re-running Phase 2.
+
+    python -m kfjax.bench.postprocess --workdir bench_out/photos3x3 --thresholds 0,0.2,0.4
+
+For every stored blind KernelFusion run of a benchmark workdir (``runs/<case>/kf-<config
+fingerprint>/``, written by the ``kernelfusion`` and ``tv_blind`` methods) this scores, by
+sub-pixel aligned PSNR against the case's HR image (8-px border):
+
+* ``bicubic``; ``phase2``: the run's own SR image (Algorithm 1's output);
+* ``tv_true``: the TV solver (:mod:`kfjax.restore`) with the TRUE kernel (``tv_nonblind``);
+* ``thr<T>``: the TV solver from the bicubic start with the run's kernel after
+  :func:`kfjax.models.kernel_net.threshold_kernel` at ``T`` (``thr0`` = ``tv_blind``),
+  i.e. what ``kernel.threshold=T restore.final=True restore.init=bicubic`` outputs;
+  ``p2init<T>``: the same from Phase 2's image (``restore.init=phase2``);
+* ``gauss<σ>``: the TV solver with a fixed isotropic Gaussian of std ``σ·s`` in place of an
+  estimate (what knowing nothing about the kernel buys).
+
+It prints one line per run and the mean / minimum gain over bicubic per column, and
+writes ``postprocess.csv`` in the workdir. The Phase 2 path being the same, ``thr<T>`` is
+exactly what a run with those settings would have produced.
+"""
+
+import argparse
+import csv
+import glob
+import json
+import os
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+
+from kfjax import kernels
+from kfjax import metrics
+from kfjax import resize
+from kfjax import restore
+from kfjax.bench import suites
+from kfjax.models import kernel_net
+
+
+def runs(workdir, fingerprints=None):
+  """``(case spec, run folder, fingerprint)`` of every stored blind run, sorted."""
+  out = []
+  for d in sorted(glob.glob(os.path.join(workdir, "runs", "*", "kf-*"))):
+    fp = os.path.basename(d)[3:]
+    if fingerprints and fp not in fingerprints:
+      continue
+    case = os.path.basename(os.path.dirname(d))
+    meta = os.path.join(workdir, "cases", case, "case.json")
+    if not os.path.exists(os.path.join(d, "kernel.npy")) or not os.path.exists(meta):
+      continue
+    out.append((suites.CaseSpec(**json.load(open(meta))["spec"]), d, fp))
+  return out
+
+
+def score_run(spec, run_dir, cases_dir, thresholds, sigmas, rcfg, border=8):
+  """The row of one run: every column of the module docstring."""
+  case = suites.load_case(spec, cases_dir)
+  if case.kernel is None:
+    return None
+  s = spec.scale
+  aligned = lambda x: metrics.subpixel_psnr(np.asarray(x, np.float64), case.hr, crop=border)
+  tv = lambda k, x_init=None: restore.solve_cfg(case.lr, k, s, rcfg, x_init)[0]
+  k_est = np.load(os.path.join(run_dir, "kernel.npy"))
+  sr = np.load(os.path.join(run_dir, "sr.npy"))
+  row = {"case": spec.name, "config": os.path.basename(run_dir)[3:],
+         "bicubic": aligned(np.clip(np.asarray(resize.upscale(jnp.asarray(case.lr), s)), 0, 1)),
+         "phase2": aligned(sr), "tv_true": aligned(tv(case.kernel)),
+         "kernel_ncc": metrics.kernel_ncc(k_est, case.kernel)}
+  for t in thresholds:
+    k = kernel_net.threshold_kernel(k_est, t)
+    row[f"thr{t:g}"] = aligned(tv(k))
+    row[f"p2init{t:g}"] = aligned(tv(k, sr))
+    row[f"width{t:g}"] = metrics.kernel_width_ratio(k, case.kernel)
+  for sg in sigmas:
+    row[f"gauss{sg:g}"] = aligned(tv(kernels.gaussian(case.kernel.shape[0], s, sigma=sg * s)))
+  return row
+
+
+def summary(rows):
+  """Per PSNR column: (mean, min) of the gain over bicubic."""
+  cols = [c for c in rows[0] if c not in ("case", "config", "bicubic", "kernel_ncc")
+          and not c.startswith("width")]
+  return {c: (float(np.mean([r[c] - r["bicubic"] for r in rows])),
+              float(np.min([r[c] - r["bicubic"] for r in rows]))) for c in cols}
+
+
+def main(argv=None):
+  from kfjax import config as config_lib  # noqa: PLC0415
+  ap = argparse.ArgumentParser(prog="kfjax.bench.postprocess", description=__doc__.splitlines()[0])
+  ap.add_argument("--workdir", required=True)
+  ap.add_argument("--thresholds", default="0,0.2,0.4", help="kernel.threshold values")
+  ap.add_argument("--sigmas", default="0.35,0.5", help="fixed Gaussians' std, × the scale")
+  ap.add_argument("--configs", default="", help="only these config fingerprints (comma list)")
+  ap.add_argument("--border", type=int, default=8)
+  args = ap.parse_args(argv)
+  try:
+    thresholds = [float(t) for t in args.thresholds.split(",") if t]
+    sigmas = [float(t) for t in args.sigmas.split(",") if t]
+  except ValueError:
+    sys.exit("kfjax.bench.postprocess: error: --thresholds and --sigmas take numbers")
+  found = runs(args.workdir, [c for c in args.configs.split(",") if c])
+  if not found:
+    sys.exit(f"kfjax.bench.postprocess: error: no stored blind run under {args.workdir}/runs")
+  rcfg = config_lib.base_config().restore
+  rows = []
+  for spec, d, _ in found:
+    row = score_run(spec, d, os.path.join(args.workdir, "cases"), thresholds, sigmas, rcfg,
+                    args.border)
+    if row is None:
+      continue
+    rows.append(row)
+    print(f"{row['case']} [{row['config']}] " + " ".join(
+        f"{k} {v:.2f}" for k, v in row.items() if k not in ("case", "config")), flush=True)
+  if not rows:
+    sys.exit("kfjax.bench.postprocess: error: no run with a true kernel")
+  for c, (mean, low) in summary(rows).items():
+    print(f"{c:>12s}: {mean:+.2f} dB over bicubic on average, worst {low:+.2f} ({len(rows)} runs)")
+  path = os.path.join(args.workdir, "postprocess.csv")
+  with open(path + ".tmp", "w", newline="") as f:
+    w = csv.DictWriter(f, list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+  os.replace(path + ".tmp", path)
+  print(f"rows: {path}")
+
+
+if __name__ == "__main__":
+  main()
