@@ -258,7 +258,8 @@ def test_kernelfusion_and_nonblind_share_phase1(smoke_cfg, tmp_path):
   # The post-processing sweep re-derives tv_blind (threshold 0) and tv_nonblind from the
   # stored run: the same numbers as the runner's rows.
   from kfjax.bench import postprocess
-  postprocess.main(["--workdir", wd, "--thresholds", "0,0.9", "--sigmas", "0.5", "--border", "2"])
+  postprocess.main(["--workdir", wd, "--thresholds", "0,0.9", "--sigmas", "0.5", "--border", "2",
+                    "--weights", "1e-4"])
   with open(os.path.join(wd, "postprocess.csv")) as f:
     (pp,) = list(csv.DictReader(f))
   assert float(pp["thr0"]) == pytest.approx(float(rows[2]["subpixel_psnr"]), abs=1e-3)
@@ -266,6 +267,7 @@ def test_kernelfusion_and_nonblind_share_phase1(smoke_cfg, tmp_path):
   assert float(pp["bicubic"]) == pytest.approx(float(rows[4]["subpixel_psnr"]), abs=1e-3)
   assert float(pp["phase2"]) == pytest.approx(float(rows[0]["subpixel_psnr"]), abs=1e-3)
   assert float(pp["width0.9"]) < float(pp["width0"])
+  assert pp["thr0_w0.0001"] == pp["thr0"]   # the config's own weight, computed again
 
 
 @pytest.mark.parametrize("method", ["nonblind", "tv_nonblind"])

@@ -12,12 +12,14 @@ sub-pixel aligned PSNR against the case's HR image (8-px border):
   :func:`kfjax.models.kernel_net.threshold_kernel` at ``T`` (``thr0`` = ``tv_blind``),
   i.e. what ``kernel.threshold=T restore.final=True restore.init=bicubic`` outputs;
   ``p2init<T>``: the same from Phase 2's image (``restore.init=phase2``);
+* ``thr<T>_w<W>``: ``thr<T>`` with the TV weight ``W`` instead of the config's (``--weights``);
 * ``gauss<σ>``: the TV solver with a fixed isotropic Gaussian of std ``σ·s`` in place of an
   estimate (what knowing nothing about the kernel buys).
 
 It prints one line per run and the mean / minimum gain over bicubic per column, and
 writes ``postprocess.csv`` in the workdir. The Phase 2 path being the same, ``thr<T>`` is
-exactly what a run with those settings would have produced.
+exactly what a run with those settings would have produced. The TV solver's other settings
+are the base config's ``restore`` block.
 """
 
 import argparse
@@ -53,7 +55,7 @@ def runs(workdir, fingerprints=None):
   return out
 
 
-def score_run(spec, run_dir, cases_dir, thresholds, sigmas, rcfg, border=8):
+def score_run(spec, run_dir, cases_dir, thresholds, sigmas, rcfg, border=8, weights=()):
   """The row of one run: every column of the module docstring."""
   case = suites.load_case(spec, cases_dir)
   if case.kernel is None:
@@ -72,6 +74,10 @@ def score_run(spec, run_dir, cases_dir, thresholds, sigmas, rcfg, border=8):
     row[f"thr{t:g}"] = aligned(tv(k))
     row[f"p2init{t:g}"] = aligned(tv(k, sr))
     row[f"width{t:g}"] = metrics.kernel_width_ratio(k, case.kernel)
+    for w in weights:
+      other = rcfg.copy_and_resolve_references()
+      other.weight = w
+      row[f"thr{t:g}_w{w:g}"] = aligned(restore.solve_cfg(case.lr, k, s, other)[0])
   for sg in sigmas:
     row[f"gauss{sg:g}"] = aligned(tv(kernels.gaussian(case.kernel.shape[0], s, sigma=sg * s)))
   return row
@@ -93,12 +99,15 @@ def main(argv=None):
   ap.add_argument("--sigmas", default="0.35,0.5", help="fixed Gaussians' std, × the scale")
   ap.add_argument("--configs", default="", help="only these config fingerprints (comma list)")
   ap.add_argument("--border", type=int, default=8)
+  ap.add_argument("--weights", default="", help="also these restore.weight values (at x2), "
+                  "with the estimated kernel thresholded (columns thr<T>_w<W>)")
   args = ap.parse_args(argv)
   try:
     thresholds = [float(t) for t in args.thresholds.split(",") if t]
     sigmas = [float(t) for t in args.sigmas.split(",") if t]
+    weights = [float(t) for t in args.weights.split(",") if t]
   except ValueError:
-    sys.exit("kfjax.bench.postprocess: error: --thresholds and --sigmas take numbers")
+    sys.exit("kfjax.bench.postprocess: error: --thresholds, --sigmas and --weights take numbers")
   found = runs(args.workdir, [c for c in args.configs.split(",") if c])
   if not found:
     sys.exit(f"kfjax.bench.postprocess: error: no stored blind run under {args.workdir}/runs")
@@ -106,7 +115,7 @@ def main(argv=None):
   rows = []
   for spec, d, _ in found:
     row = score_run(spec, d, os.path.join(args.workdir, "cases"), thresholds, sigmas, rcfg,
-                    args.border)
+                    args.border, weights)
     if row is None:
       continue
     rows.append(row)
