@@ -1,18 +1,15 @@
 """CPU preset: the default when no accelerator is present.
 
-Target: a 128×128 LR image at ×2 in at most 10 minutes on a 2-core CPU, kernels still
-recovered. Smaller networks (32-channel PD trained 1000 steps on batches of 8 32-px crops,
-16→128 U-Net over 4 levels, the kernel as a deep linear CNN rather than the paper's SIREN)
-and a strided reverse process (10 steps × 80 iterations).
+Target: a 128×128 LR image at ×2 in at most 6 minutes on a 2-core CPU. Smaller networks
+(32-channel PD trained 1000 steps on batches of 8 32-px crops, 16→128 U-Net over 4 levels,
+the kernel as a deep linear CNN rather than the paper's SIREN) and a strided reverse
+process (10 steps × 80 iterations).
 
     python -m kfjax.main --image x.png --scale 2 --config configs/cpu.py
 
-Measured (2-core CPU, jax 0.10.2, examples/chelsea_x2_lr.png, 128×128 RGB at ×2, nothing else
-running): 5 min 43 s wall, Phase 1 37 s, Phase 2 304 s, 1.5 GB peak RSS; SR 28.2 dB, kernel
-NCC 0.86 (bicubic 31.1 dB). On the ``photos3x3`` suite blind SR is 0.4 dB below bicubic on
-average, non-blind 1.3 dB above (README "Evidence", BENCHMARKS.md). On a VM with half that
-matmul peak (2026-11-30): 8 min 29 s before ``ops.jit``'s XLA:CPU options, 7 min 10 s with them,
-6 min 20 s with the later Phase 2 work (BENCHMARKS.md, "Throughput").
+After Phase 2 the kernel's negligible taps are zeroed and the SR image is re-solved with
+it by TV-regularised least squares (below). Runtime and quality on the shipped example and
+on the benchmark suites: README "Quick start" and BENCHMARKS.md.
 """
 
 from kfjax import config
