@@ -266,7 +266,11 @@ def test_kernelfusion_and_nonblind_share_phase1(smoke_cfg, tmp_path):
   assert float(pp["tv_true"]) == pytest.approx(float(rows[3]["subpixel_psnr"]), abs=1e-3)
   assert float(pp["bicubic"]) == pytest.approx(float(rows[4]["subpixel_psnr"]), abs=1e-3)
   assert float(pp["phase2"]) == pytest.approx(float(rows[0]["subpixel_psnr"]), abs=1e-3)
-  assert float(pp["width0.9"]) < float(pp["width0"])
+  k_case = np.load(os.path.join(wd, "cases", spec.name, "kernel.npy"))
+  from kfjax.models import kernel_net
+  for t in (0, 0.9):
+    want = metrics.kernel_width_ratio(kernel_net.threshold_kernel(k, t), k_case)
+    assert float(pp[f"width{t:g}"]) == pytest.approx(want, rel=1e-6)
   assert pp["thr0_w0.0001"] == pp["thr0"]   # the config's own weight, computed again
 
 
