@@ -50,7 +50,8 @@ def get_config():
   cfg.sample.n_iter = 80
   cfg.sample.lr = 3e-3
   cfg.sample.lr_end = 1e-4
-  cfg.sample.steps_per_chunk = 5
+  cfg.sample.iters_per_chunk = 20
+  cfg.sample.checkpoint_every = 5
   # --config.sample.num_samples=N runs one sample after another: vmapped, XLA:CPU turns
   # the convolutions into grouped ones: ~2x slower (photos3x3, 3 samples: 608-630 vs
   # 269-285 s per case; BENCHMARKS.md "Averaging runs").

@@ -32,7 +32,8 @@ def get_config():
   cfg.sample.n_iter = 2
   cfg.sample.lr = 1e-3
   cfg.sample.lr_end = 1e-4
-  cfg.sample.steps_per_chunk = 2
+  cfg.sample.iters_per_chunk = 3
+  cfg.sample.checkpoint_every = 2
   cfg.kernel.cnn_channels = 4        # kernel.net=linear_cnn
   kg = cfg.kernelgan                 # --method kernelgan: tiny nets, 4 iterations
   kg.iterations = 4

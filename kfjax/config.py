@@ -80,7 +80,8 @@ def base_config():
       # kernel.npy are their means (a kfjax option; 1: the paper's single run).
       num_samples=1,
       vmap_samples=True,    # the runs in one vmapped program (False: one after another)
-      steps_per_chunk=20,   # reverse steps per dispatch (progress/checkpoint granularity)
+      iters_per_chunk=20,   # Adam iterations per dispatch (the progress bar's granularity)
+      checkpoint_every=20,  # reverse steps between checkpoints (and at the end)
       pd_tile=0,            # 0: PD on the whole image; N: N×N tiles (+7 px halo)
       pd_tile_batch=0,      # tiles per vmapped batch (0: all at once)
       two_unets=False,      # True: separate U-Nets before and after PD (appendix C.2)

@@ -79,7 +79,8 @@ def validate_config(cfg):
       (cfg.sample.t_start < cfg.diffusion.num_steps,
        "sample.t_start must be below diffusion.num_steps"),
       (cfg.sample.n_iter_first >= 1 and cfg.sample.n_iter >= 1, "sample.n_iter* must be >= 1"),
-      (cfg.sample.steps_per_chunk >= 1, "sample.steps_per_chunk must be >= 1"),
+      (cfg.sample.iters_per_chunk >= 1 and cfg.sample.checkpoint_every >= 1,
+       "sample.iters_per_chunk and sample.checkpoint_every must be >= 1"),
       (int(cfg.sample.num_samples) == cfg.sample.num_samples and cfg.sample.num_samples >= 1,
        f"sample.num_samples must be an integer >= 1, got {cfg.sample.num_samples}"),
       (cfg.sample.pd_tile >= 0, "sample.pd_tile must be >= 0"),
@@ -255,21 +256,23 @@ def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, wor
   n = int(cfg.sample.num_samples)
   together = n if bool(cfg.sample.vmap_samples) else 1
   init_keys, rngs = sample_keys(int(cfg.seed), n)
-  total = p2.num_steps
+  total = p2.total_iterations
   mode = "nonblind" if fixed_kernel is not None else "blind"
   fp = ckpt.fingerprint(np.asarray(lr_image), *fingerprint_parts, cfg.unet.to_dict(),
-                        cfg.kernel.to_dict(), cfg.sample.to_dict(), int(scale), mode,
-                        None if fixed_kernel is None else np.asarray(fixed_kernel),
-                        *precision_part(cfg))
-  info = {"steps": total, "mode": mode, "samples": n, "restored_step": None}
-  chunk_len = chunk_size(total, int(cfg.sample.steps_per_chunk))
+                        cfg.kernel.to_dict(), _phase2_state_fields(cfg.sample), int(scale),
+                        mode, None if fixed_kernel is None else np.asarray(fixed_kernel),
+                        *precision_part(cfg), sampler.STATE_VERSION)
+  info = {"steps": p2.num_steps, "iterations": total, "mode": mode, "samples": n,
+          "restored_step": None}
+  chunk_len = chunk_size(total, int(cfg.sample.iters_per_chunk))
   chunk = p2.make_chunk(chunk_len, batch=None if together == 1 else together)
+  every = int(cfg.sample.checkpoint_every)
   # One group of samples per program run: all N vmapped, or sample j alone (j = 0 … N−1;
   # with N = 1 the keys are the single run's, unstacked).
   groups = [slice(0, n)] if together > 1 else list(range(n))
   init = ops.jit(p2.init_batch if together > 1 else p2.init)
   desc = f"phase 2 ({mode} reverse diffusion{f', {n} samples' if n > 1 else ''})"
-  bar = tqdm.tqdm(total=total * len(groups), desc=desc, unit="t", disable=not show_progress,
+  bar = tqdm.tqdm(total=total * len(groups), desc=desc, unit="it", disable=not show_progress,
                   dynamic_ncols=True)
   hrs, kernels, last = [], [], []
   for group in groups:
@@ -289,21 +292,24 @@ def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, wor
       step = saver.latest_step()
       if step is not None:
         state = saver.restore(step, state)
-        info["restored_step"] = int(step)
+        info["restored_step"] = int(state.step)
         if show_progress:
-          log(f"resuming {label} from step {step}/{total}")
-    done = int(state.step)
+          log(f"resuming {label} from reverse step {int(state.step)}/{p2.num_steps}")
+    done = p2.iterations_done(state)
     bar.update(done)
     metrics = None
     while done < total:
+      before = int(state.step) if saver is not None else 0
       state, metrics = chunk(state, lr_in, rng)
       done += chunk_len
       loss = np.asarray(metrics.loss[-1])
       if not np.all(np.isfinite(loss)):
-        raise FloatingPointError(f"phase 2 loss is {loss} at step {done}")
-      bar.set_postfix(t=int(metrics.t[-1]), loss=f"{float(loss.mean()):.5f}")
+        raise FloatingPointError(f"phase 2 loss is {loss} at iteration {done}")
+      bar.set_postfix(t=int(metrics.t[-1]), loss=f"{float(loss.mean()):.5f}", refresh=False)
       bar.update(chunk_len)
-      if saver is not None:
+      # A checkpoint (labelled by iterations done) whenever the step counter passes a
+      # multiple of checkpoint_every, and at the end.
+      if saver is not None and (int(state.step) // every > before // every or done >= total):
         saver.save(done, state)
     if saver is not None:
       saver.close()
@@ -344,6 +350,15 @@ def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, wor
   if cfg.restore.final:
     hr, info["final_restore"] = final_restore(cfg, lr_image, hr, kernel, scale)
   return hr, kernel, info
+
+
+def _phase2_state_fields(sample_cfg):
+  """``cfg.sample`` without the fields that only set dispatch and checkpoint granularity
+  (they change neither the result nor the state, so a checkpoint survives them)."""
+  d = sample_cfg.to_dict()
+  for key in ("iters_per_chunk", "checkpoint_every"):
+    d.pop(key, None)
+  return d
 
 
 def final_restore(cfg, lr_image, hr, kernel, scale):

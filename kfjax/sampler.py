@@ -13,11 +13,11 @@ one cosine over all iterations instead) minimise::
     L   = mse(I_LR, (a*k)↓s) + mse(I_LR, (b*k)↓s) + λ_com·COM(k) [+ λ_sp·S(k)] [+ λ_tv·(TV(a) + TV(b))]
 
 then ``x0 ← b`` and ``x ← x_s`` (both from the last iteration). The result is the
-final ``b`` and the kernel. The inner loop is a ``lax.scan`` as long as the longest step
-(iterations past a step's own count are skipped by ``lax.cond``), the loop over steps a
-``lax.scan`` too; :func:`make_phase2_chunk`
-compiles ``chunk`` steps into one program, and ``chunk = num_steps`` makes the whole
-of Phase 2 a single dispatch. ``--kernel`` mode (non-blind) fixes ``k``.
+final ``b`` and the kernel. All of Phase 2 is one sequence of Adam iterations, each
+knowing its reverse step and its place in it (``Phase2State.step``/``it``);
+:meth:`Phase2.make_chunk` compiles the next ``m`` of them into one ``lax.scan`` program:
+a few iterations per dispatch keep a progress bar moving, all of them make the whole of
+Phase 2 a single dispatch. ``--kernel`` mode (non-blind) fixes ``k``.
 
 Ablation options (appendix C.1-C.2): ``kernel.net`` picks the kernel network
 (:func:`make_kernel_net`), ``sample.two_unets`` gives the application after PD its own
@@ -44,12 +44,19 @@ from kfjax.models import pd as pd_lib
 from kfjax.models import unet as unet_lib
 
 
+# The layout of Phase2State, part of Phase 2's checkpoint fingerprint: a checkpoint of
+# another layout is discarded rather than restored into the wrong fields.
+STATE_VERSION = "phase2-state-2"
+
+
 class Phase2State(NamedTuple):
-  step: jnp.ndarray   # index of the next reverse step
+  step: jnp.ndarray   # index of the current reverse step
+  it: jnp.ndarray     # iterations of that step already done
   params: Any         # {"unet": ..., "kernel": ...} ("kernel" absent when non-blind)
   opt_state: Any
   x: jnp.ndarray      # noisy image at level ts[step]
   x0: jnp.ndarray     # current clean estimate
+  xi: jnp.ndarray     # the step's noise draw (drawn at its first iteration)
 
 
 class Phase2Metrics(NamedTuple):
@@ -58,6 +65,7 @@ class Phase2Metrics(NamedTuple):
   cons_a: jnp.ndarray
   cons_b: jnp.ndarray
   com: jnp.ndarray
+  step: jnp.ndarray   # the reverse step the iteration belongs to
 
 
 def kernel_size(cfg, scale):
@@ -206,25 +214,47 @@ class Phase2:
       x = x0
     else:
       x = sch.q_sample(self.sched, x0, self.ts[0], jax.random.normal(k_noise, x0.shape))
-    return Phase2State(jnp.zeros((), jnp.int32), params, self.tx.init(params), x, x0)
+    zero = jnp.zeros((), jnp.int32)
+    return Phase2State(zero, zero, params, self.tx.init(params), x, x0, jnp.zeros_like(x))
 
   def init_batch(self, lr_images, rngs):
-    """Initial state of ``N`` same-size images for ``make_chunk(steps, batch=N)``.
+    """Initial state of ``N`` same-size images for ``make_chunk(iterations, batch=N)``.
 
     ``lr_images`` (N, h, w, C), ``rngs`` (N,) keys. Every leaf gets a leading image
-    axis except ``step``, which all images share.
+    axis except the counters ``step`` and ``it``, which all images share.
     """
     state = jax.vmap(self.init)(jnp.asarray(lr_images, jnp.float32), rngs)
-    return state._replace(step=jnp.zeros((), jnp.int32))
+    zero = jnp.zeros((), jnp.int32)
+    return state._replace(step=zero, it=zero)
 
-  def make_chunk(self, steps, batch=None):
-    """``chunk(state, lr_image, rng) -> (state, Phase2Metrics[steps])``, jitted.
+  def iterations_before(self, step):
+    """Adam iterations of Phase 2 before reverse step ``step`` (host ints)."""
+    n_first, n_iter = int(self.cfg.sample.n_iter_first), int(self.cfg.sample.n_iter)
+    return 0 if step == 0 else n_first + (int(step) - 1) * n_iter
+
+  @property
+  def total_iterations(self):
+    """Adam iterations of the whole of Phase 2: ``n_first + (num_steps − 1)·n_iter``."""
+    return self.iterations_before(self.num_steps)
+
+  def iterations_done(self, state):
+    """How many of Phase 2's iterations ``state`` has behind it (host int)."""
+    return self.iterations_before(int(state.step)) + int(state.it)
+
+  def make_chunk(self, iterations, batch=None):
+    """``chunk(state, lr_image, rng) -> (state, Phase2Metrics[iterations])``, jitted.
+
+    Runs the next ``iterations`` Adam iterations of Phase 2, crossing reverse steps where
+    a step's iterations run out (the last iteration of step ``i`` moves the state to
+    step ``i + 1``), so a chunk can be a few iterations (a progress bar that moves) or
+    all :attr:`total_iterations` (one dispatch for the whole of Phase 2). A chunk must
+    not run past the end: the caller picks ``iterations`` dividing what is left.
 
     ``batch=N`` runs ``N`` same-size images together (state from :meth:`init_batch`,
-    ``lr_image`` (N, h, w, C), ``rng`` (N,) keys; metrics ``(steps, N)``, ``t`` (steps,)).
-    Only the per-image work is vmapped: the step counter, the timesteps and the
-    iteration count stay shared, so ``lax.cond`` still skips surplus iterations.
-    Image ``n`` of a batch follows exactly the path it would follow alone.
+    ``lr_image`` (N, h, w, C), ``rng`` (N,) keys; metrics ``(iterations, N)``, ``t`` and
+    ``step`` (iterations,)). Only the per-image work is vmapped: the step and iteration
+    counters and the timesteps stay shared. Image ``n`` of a batch follows exactly the
+    path it would follow alone.
     """
     cfg = self.cfg.sample
     n_first, n_iter = int(cfg.n_iter_first), int(cfg.n_iter)
@@ -234,45 +264,38 @@ class Phase2:
                               schedule=cfg.get("lr_schedule", "per_step"))
     per_image = (lambda f, **_: f) if batch is None else jax.vmap
 
-    def reverse_step(carry, _):
+    def update(params, opt_state, x, x0, xi, lr_image, lr, t, s):
+      """One Adam iteration on one image."""
+      (loss, aux), grads = jax.value_and_grad(
+          lambda p: self._forward(p, x, x0, t, s, xi, lr_image), has_aux=True)(params)
+      updates, opt_state = self.tx.update(grads, opt_state, params)
+      params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
+      return params, opt_state, (loss, aux)
+
+    update_all = per_image(update, in_axes=(0, 0, 0, 0, 0, 0, None, None, None))
+    draw = lambda key, x, i: jax.random.normal(jax.random.fold_in(key, i), x.shape)
+
+    def iteration(carry, _):
       state, lr_image, rng = carry
-      i = state.step
+      i, j = state.step, state.it
       t, s = self.ts[i], self.ts[i + 1]
-      n = jnp.where(i == 0, n_first, n_iter)
-      draw = lambda key, x: jax.random.normal(jax.random.fold_in(key, i), x.shape)
-      xi = per_image(draw)(rng, state.x)
-
-      def update(params, opt_state, x, x0, xi, lr_image, lr):
-        """One Adam iteration on one image."""
-        (loss, aux), grads = jax.value_and_grad(
-            lambda p: self._forward(p, x, x0, t, s, xi, lr_image), has_aux=True)(params)
-        updates, opt_state = self.tx.update(grads, opt_state, params)
-        params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
-        return params, opt_state, (loss, aux)
-
-      update_all = per_image(update, in_axes=(0, 0, 0, 0, 0, 0, None))
-
-      def iteration(c, j):
-        params, opt_state, _ = c
-        lr = lr_at(i, j)
-        return update_all(params, opt_state, state.x, state.x0, xi, lr_image, lr)
-
-      def inner(c, j):
-        # The scan is as long as the longest step; later steps skip the surplus
-        # iterations (lax.cond runs one branch, so a skipped iteration costs nothing).
-        c = jax.lax.cond(j < n, iteration, lambda c, j: c, c, j)
-        return c, None
-
-      zero = jnp.zeros(state.x.shape[:-3])  # () or (N,)
-      dummy = (zero, (state.x, state.x0, zero, zero, zero))
-      (params, opt_state, (loss, (x_s, b, ca, cb, com))), _ = jax.lax.scan(
-          inner, (state.params, state.opt_state, dummy), jnp.arange(max(n_first, n_iter)))
-      new = Phase2State(i + 1, params, opt_state, x_s, b)
-      return (new, lr_image, rng), Phase2Metrics(s, loss, ca, cb, com)
+      # One noise draw ξ per reverse step, made at its first iteration and kept in the
+      # state (so a chunk may end, and a checkpoint resume, in the middle of a step).
+      xi = jax.lax.cond(j == 0, lambda: per_image(draw, in_axes=(0, 0, None))(rng, state.x, i),
+                        lambda: state.xi)
+      params, opt_state, (loss, (x_s, b, ca, cb, com)) = update_all(
+          state.params, state.opt_state, state.x, state.x0, xi, lr_image, lr_at(i, j), t, s)
+      # The step's last iteration moves on: x ← x_s and x0 ← b of that iteration.
+      last = j + 1 >= jnp.where(i == 0, n_first, n_iter)
+      x, x0 = jax.lax.cond(last, lambda: (x_s, b), lambda: (state.x, state.x0))
+      new = Phase2State(jnp.where(last, i + 1, i), jnp.where(last, 0, j + 1), params,
+                        opt_state, x, x0, xi)
+      return (new, lr_image, rng), Phase2Metrics(s, loss, ca, cb, com, i)
 
     @ops.jit
     def chunk(state, lr_image, rng):
-      (state, _, _), metrics = jax.lax.scan(reverse_step, (state, lr_image, rng), length=steps)
+      (state, _, _), metrics = jax.lax.scan(iteration, (state, lr_image, rng),
+                                            length=iterations)
       return state, metrics
 
     return chunk

@@ -1,6 +1,6 @@
 """The KernelFusion ablation options (issue 5): kernel nets, two U-Nets, DIP.
 
-Every option runs Phase 2 under the ``smoke`` preset (two chunks of two reverse steps),
+Every option runs Phase 2 under the ``smoke`` preset (three chunks of three iterations, crossing reverse steps),
 traces its chunk once, and yields a valid kernel; non-blind mode is traced for each
 (``jax.eval_shape``, no compilation). The kernel networks' own properties (normalised,
 the linear CNN's explicit kernel equals what it does to images) are checked directly.
@@ -91,10 +91,10 @@ def option_run(request, pd):
   calls = _count_forward(p2)
   lr = _lr_image()
   init = jax.jit(p2.init)(lr, _key(1))
-  steps = int(cfg.sample.steps_per_chunk)
-  chunk = p2.make_chunk(steps)
+  iters = int(cfg.sample.iters_per_chunk)
+  chunk = p2.make_chunk(iters)
   state, traces, metrics = init, [], []
-  for _ in range(p2.num_steps // steps):
+  for _ in range(p2.total_iterations // iters):
     state, m = chunk(state, lr, _key(2))
     traces.append(calls[0])
     metrics.append(jax.tree.map(np.asarray, m))
@@ -106,10 +106,10 @@ def option_run(request, pd):
 
 def test_option_runs_traces_once_and_gives_a_valid_kernel(option_run):
   r = option_run
-  assert len(r["traces"]) == 2 and r["traces"][0] >= 1
-  assert r["traces"][1] == r["traces"][0], "the chunk was traced again on its second call"
+  assert len(r["traces"]) == 3 and r["traces"][0] >= 1
+  assert r["traces"][1:] == r["traces"][:1] * 2, "the chunk was traced again on a later call"
   assert r["chunk"]._cache_size() == 1
-  assert int(r["state"].step) == r["p2"].num_steps
+  assert int(r["state"].step) == r["p2"].num_steps and int(r["state"].it) == 0
   k = r["kernel"]
   ksize = sampler.kernel_size(r["cfg"], SCALE)
   assert k.shape == (ksize, ksize) and np.all(np.isfinite(k))
@@ -368,7 +368,7 @@ def test_threshold_kernel_matches_numpy():
 def test_blind_phase2_thresholds_its_kernel_and_nonblind_keeps_the_given_one(pd):
   model, params, _ = pd
   lr = np.asarray(_lr_image())
-  cfg = _cfg({"kernel.threshold": 0.9, "sample.num_steps": 2, "sample.steps_per_chunk": 2})
+  cfg = _cfg({"kernel.threshold": 0.9, "sample.num_steps": 2})
   _, k, _ = pipeline.run_phase2(cfg, model, params, lr, SCALE, show_progress=False)
   assert k.min() == 0 and k[k > 0].min() >= 0.9 * k.max() and abs(k.sum() - 1) < 1e-6
   given = np.full((12, 12), 1 / 144, np.float32)

@@ -146,11 +146,11 @@ def _phase2_run(cfg, pd_model, pd_params, sched, lr_image, fixed_kernel, seed):
                       fixed_kernel=fixed_kernel)
   state = jax.jit(p2.init)(lr_image, _key(seed))
   init_state = state
-  steps = int(cfg.sample.steps_per_chunk)
-  chunk = p2.make_chunk(steps)
+  iters = int(cfg.sample.iters_per_chunk)
+  chunk = p2.make_chunk(iters)
   metrics = []
   rng = _key(seed + 1)
-  for _ in range(p2.num_steps // steps):
+  for _ in range(p2.total_iterations // iters):
     state, m = chunk(state, lr_image, rng)
     metrics.append(jax.tree.map(np.asarray, m))
   metrics = sampler.Phase2Metrics(*[np.concatenate(f) for f in zip(*metrics)])
@@ -178,7 +178,7 @@ def phase2_nonblind(phase1):
   p2 = sampler.Phase2(cfg, phase1["model"], phase1["state"].params, phase1["sched"], LR_SHAPE,
                       SCALE, fixed_kernel=k)
   init = jax.eval_shape(p2.init, lr_image, _key(5))
-  chunk = p2.make_chunk(int(cfg.sample.steps_per_chunk))
+  chunk = p2.make_chunk(int(cfg.sample.iters_per_chunk))
   state, metrics = jax.eval_shape(chunk, init, lr_image, _key(6))
   return dict(p2=p2, init=init, state=state, metrics=metrics, kernel=k, cfg=cfg)
 
@@ -187,9 +187,14 @@ def test_phase2_steps_and_traces(phase2_blind):
   p2, state, chunk = phase2_blind["p2"], phase2_blind["state"], phase2_blind["chunk"]
   cfg = phase2_blind["cfg"]
   assert p2.num_steps == cfg.sample.num_steps
-  assert p2.num_steps % cfg.sample.steps_per_chunk == 0
-  assert p2.num_steps // cfg.sample.steps_per_chunk >= 2  # really called more than once
-  assert int(state.step) == p2.num_steps
+  iters = cfg.sample.iters_per_chunk
+  assert p2.total_iterations == cfg.sample.n_iter_first + (p2.num_steps - 1) * cfg.sample.n_iter
+  assert p2.total_iterations % iters == 0
+  assert p2.total_iterations // iters >= 2  # really called more than once
+  # Chunks end inside reverse steps (the smoke preset's 3-iteration chunks straddle them).
+  assert cfg.sample.n_iter % iters != 0
+  assert int(state.step) == p2.num_steps and int(state.it) == 0
+  assert p2.iterations_done(state) == p2.total_iterations
   assert chunk._cache_size() == 1
 
 
@@ -217,11 +222,15 @@ def test_phase2_result(phase2_blind):
 
 
 def test_phase2_metrics(phase2_blind):
-  m, p2 = phase2_blind["metrics"], phase2_blind["p2"]
+  """One row per Adam iteration: step 0 has ``n_iter_first`` of them, the others
+  ``n_iter``; every iteration of step ``i`` targets level ``ts[i + 1]``."""
+  m, p2, cfg = phase2_blind["metrics"], phase2_blind["p2"], phase2_blind["cfg"].sample
   for f in m:
-    assert f.shape == (p2.num_steps,)
+    assert f.shape == (p2.total_iterations,)
     assert np.all(np.isfinite(f))
-  np.testing.assert_array_equal(m.t, np.asarray(p2.ts[1:]))
+  counts = [cfg.n_iter_first] + [cfg.n_iter] * (p2.num_steps - 1)
+  np.testing.assert_array_equal(m.step, np.repeat(np.arange(p2.num_steps), counts))
+  np.testing.assert_array_equal(m.t, np.asarray(p2.ts[1:])[m.step])
   assert m.t[-1] == 1
   np.testing.assert_allclose(m.loss, m.cons_a + m.cons_b + phase2_blind["cfg"].sample.com_weight
                              * m.com, rtol=1e-5, atol=1e-7)
@@ -247,8 +256,8 @@ def test_phase2_nonblind(phase2_nonblind):
   assert jax.tree.structure(state) == jax.tree.structure(init)
   hr = (LR_SHAPE[0] * SCALE, LR_SHAPE[1] * SCALE, LR_SHAPE[2])
   assert state.x0.shape == state.x.shape == hr
-  steps = int(phase2_nonblind["cfg"].sample.steps_per_chunk)
-  assert all(f.shape == (steps,) for f in phase2_nonblind["metrics"])
+  iters = int(phase2_nonblind["cfg"].sample.iters_per_chunk)
+  assert all(f.shape == (iters,) for f in phase2_nonblind["metrics"])
   x0, k = p2.result(state)
   assert x0.shape == hr
   np.testing.assert_array_equal(np.asarray(k), phase2_nonblind["kernel"])
@@ -291,3 +300,58 @@ def test_checkpoint_extras_follow_the_fingerprint(tmp_path):
   assert ckpt.PhaseCheckpoint(str(tmp_path), "phase", "fp-b").extra("final_metrics") is None
   again.reset()
   assert again.extra("final_metrics") is None and again.stored_fingerprint() == "fp-a"
+
+
+def test_phase2_resumes_mid_step_from_a_checkpoint(phase2_blind, tmp_path):
+  """A chunk may end inside a reverse step (the smoke preset: 3-iteration chunks, steps
+  of 3 and 2 iterations): a checkpoint there, restored into a fresh state and run on,
+  ends exactly where the uninterrupted run ended (the state keeps ``it`` and the step's
+  noise draw ``xi``)."""
+  from kfjax import checkpoint as ckpt
+  p2, chunk, lr = phase2_blind["p2"], phase2_blind["chunk"], phase2_blind["lr_image"]
+  state = phase2_blind["init"]
+  for _ in range(2):
+    state, _ = chunk(state, lr, _key(4))
+  assert (int(state.step), int(state.it)) == (2, 1)  # 6 = 3 + 2 + 1 iterations
+  assert p2.iterations_done(state) == 6
+  saver = ckpt.PhaseCheckpoint(str(tmp_path), "phase2", "fp")
+  saver.save(6, state)
+  saver.close()
+  fresh = jax.jit(p2.init)(lr, _key(11))  # another init: everything must come from disk
+  again = ckpt.PhaseCheckpoint(str(tmp_path), "phase2", "fp")
+  restored = again.restore(again.latest_step(), fresh)
+  again.close()
+  end, _ = chunk(restored, lr, _key(4))
+  want = phase2_blind["state"]
+  assert int(end.step) == int(want.step) and int(end.it) == int(want.it)
+  for a, b in zip(jax.tree.leaves(end), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_phase2_progress_bar_moves_per_chunk_of_iterations(phase1, monkeypatch):
+  """The CLI's Phase 2 bar counts Adam iterations and advances after every chunk of
+  ``sample.iters_per_chunk`` (not once per group of reverse steps)."""
+  from kfjax import pipeline
+  bars = []
+
+  class Bar:
+    def __init__(self, total, **kw):
+      self.total, self.updates, self.postfix = total, [], None
+      bars.append(self)
+
+    def update(self, n):
+      self.updates.append(n)
+
+    def set_postfix(self, **kw):
+      self.postfix = kw
+
+    def close(self):
+      pass
+  monkeypatch.setattr(pipeline.tqdm, "tqdm", Bar)
+  cfg = _smoke_config()
+  pipeline.run_phase2(cfg, phase1["model"], phase1["state"].params, _lr_image(), SCALE)
+  (bar,) = bars
+  total = cfg.sample.n_iter_first + (cfg.sample.num_steps - 1) * cfg.sample.n_iter
+  assert bar.total == total == 9
+  assert bar.updates == [0] + [cfg.sample.iters_per_chunk] * (total // cfg.sample.iters_per_chunk)
+  assert bar.postfix["t"] == 1 and float(bar.postfix["loss"]) > 0

@@ -216,7 +216,6 @@ def test_phase2_tiled_pd_matches_whole(pd_setup):
 def batched_run(pd_setup):
   """Two images through the batched chunk (two calls) and one by one (same seeds)."""
   cfg, model, params, sched = pd_setup
-  cfg.sample.steps_per_chunk = 1
   lr = _lr_images(2)
   p2 = sampler.Phase2(cfg, model, params, sched, lr.shape[1:], SCALE)
   # Threefry keys: with ``rbg`` keys, draws under vmap differ from the same draws alone.
@@ -225,10 +224,10 @@ def batched_run(pd_setup):
   chunk_b = p2.make_chunk(1, batch=2)
   state_b = jax.jit(p2.init_batch)(lr, init_keys)
   metrics_b = []
-  for _ in range(p2.num_steps):
+  for _ in range(p2.total_iterations):
     state_b, m = chunk_b(state_b, lr, rngs)
     metrics_b.append(m)
-  chunk_1 = p2.make_chunk(p2.num_steps)
+  chunk_1 = p2.make_chunk(p2.total_iterations)
   init = jax.jit(p2.init)
   singles = [chunk_1(init(lr[i], init_keys[i]), lr[i], rngs[i]) for i in range(2)]
   return dict(p2=p2, state_b=state_b, metrics_b=metrics_b, singles=singles, chunk_b=chunk_b)
@@ -240,7 +239,7 @@ def test_phase2_batched_matches_single(batched_run):
   per iteration, 5 iterations here; the images differ by ~1 after the same run."""
   state_b, singles = batched_run["state_b"], batched_run["singles"]
   assert state_b.step.shape == () and int(state_b.step) == batched_run["p2"].num_steps
-  loss_b = np.stack([np.asarray(m.loss)[0] for m in batched_run["metrics_b"]])  # (steps, N)
+  loss_b = np.stack([np.asarray(m.loss)[0] for m in batched_run["metrics_b"]])  # (iterations, N)
   for i, (state, metrics) in enumerate(singles):
     np.testing.assert_allclose(np.asarray(state_b.x0[i]), np.asarray(state.x0), rtol=0, atol=1e-3)
     np.testing.assert_allclose(np.asarray(state_b.x[i]), np.asarray(state.x), rtol=0, atol=1e-3)
@@ -279,10 +278,10 @@ def test_phase2_samples_are_averaged(pd_setup, vmap, tmp_path):
   differ, so the mean is not one of them. A re-run restores every sample's checkpoint."""
   cfg, model, params, sched = pd_setup
   cfg = cfg.copy_and_resolve_references()  # the module's cfg is changed by batched_run
-  cfg.sample.steps_per_chunk = cfg.sample.num_steps
+  cfg.sample.iters_per_chunk = 1000  # (the largest divisor of the iterations: one chunk)
   lr = _lr_images(1)[0]
   p2 = sampler.Phase2(cfg, model, params, sched, lr.shape, SCALE)
-  chunk = p2.make_chunk(p2.num_steps)
+  chunk = p2.make_chunk(p2.total_iterations)
   init_keys, rngs = pipeline.sample_keys(int(cfg.seed), 2)
   singles = []
   for j in range(2):

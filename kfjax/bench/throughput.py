@@ -21,7 +21,7 @@ What is measured (``--what``, comma-separated):
   and with PD applied to ``--pd_tile`` tiles, ``--pd_tile_batch`` at a time
   (rematerialised per tile batch, so PD's memory does not grow with the image).
 * ``batch``: images/hour against the number of same-size images vmapped through Phase 2
-  together (``--images``), ``Phase2.make_chunk(steps, batch=N)``.
+  together (``--images``), ``Phase2.make_chunk(iterations, batch=N)``.
 * ``parts``: where a Phase 2 iteration's time goes, each part alone at ``--hr_size``
   (inside a compiled loop, as in the sampler): the U-Net forward, forward + input gradient,
   forward + all gradients; PD forward and forward + input gradient; the degradation with
@@ -359,7 +359,7 @@ def _phase2_setup(cfg, hr_size, images=None):
 def bench_phase2_jax(cfg, hr_size, iters, repeats, images=None):
   """Seconds per inner iteration: one reverse step of ``iters`` iterations, compiled."""
   p2, state, lr, rng = _phase2_setup(cfg, hr_size, images)
-  chunk, compile_s = compile_timed(p2.make_chunk(1, batch=images), state, lr, rng)
+  chunk, compile_s = compile_timed(p2.make_chunk(iters, batch=images), state, lr, rng)
   jax.block_until_ready(chunk(state, lr, rng))
 
   def run():
@@ -409,7 +409,7 @@ def bench_full_reverse(preset, hr_size):
   if FLAGS.scale:
     cfg.scale = FLAGS.scale
   p2, state, lr, rng = _phase2_setup(cfg, hr_size)
-  chunk, compile_s = compile_timed(p2.make_chunk(p2.num_steps), state, lr, rng)
+  chunk, compile_s = compile_timed(p2.make_chunk(p2.total_iterations), state, lr, rng)
   t0 = time.perf_counter()
   jax.block_until_ready(chunk(state, lr, rng))
   return dict(compile_s=compile_s, seconds=time.perf_counter() - t0)
