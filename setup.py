@@ -35,8 +35,11 @@ setup(
     ],
     extras_require={
         # torch: the PyTorch reference of the throughput benchmark (a CPU wheel, ~20 s to
-        # install); in "test" too, so CI runs the reference-equivalence test.
-        "test": ["pytest>=8,<10", "chex>=0.1.87,<0.2", "torch==2.13.0"],
+        # install); in "test" too, so CI runs the reference-equivalence test. nbclient,
+        # nbformat, ipykernel: CI executes examples/quickstart.ipynb (tests/test_examples.py)
+        # in a "python3" kernel of the same interpreter; its figures need matplotlib (above).
+        "test": ["pytest>=8,<10", "chex>=0.1.87,<0.2", "torch==2.13.0",
+                 "nbclient>=0.10,<0.12", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
         "bench": ["torch==2.13.0"],
     },
     entry_points={"console_scripts": ["kfjax=kfjax.main:cli"]},

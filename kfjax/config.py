@@ -56,6 +56,13 @@ def base_config():
       # renormalised (kernel_net.threshold_kernel; KernelGAN's post-processing, not in
       # KernelFusion). 0: off. Blind runs only; restore.final then uses the cleaned kernel.
       threshold=0.0,
+      # Then (after any threshold) the kernel becomes (1 − blend)·k + blend·g, g a centred
+      # isotropic Gaussian of std blend_sigma × scale (kernel_net.blend_kernel; a kfjax
+      # option): shrinks an estimate toward a small generic blur, which costs little when
+      # the estimate is right and bounds the damage when Phase 2's kernel is wrong or too
+      # wide. 0: off. Blind runs only.
+      blend=0.0,
+      blend_sigma=0.35,
   ))
   cfg.sample = ml_collections.ConfigDict(dict(
       t_start=200,          # first noise level (unofficial port: 200)

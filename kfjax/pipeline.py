@@ -124,6 +124,9 @@ def _ablation_checks(cfg):
       (s.lr_schedule in ("per_step", "global"),
        f"sample.lr_schedule must be per_step or global, got {s.lr_schedule!r}"),
       (0 <= k.threshold < 1, f"kernel.threshold must be in [0, 1), got {k.threshold}"),
+      (0 <= k.blend <= 1 and k.blend_sigma > 0,
+       f"kernel.blend must be in [0, 1] and kernel.blend_sigma > 0, got {k.blend}, "
+       f"{k.blend_sigma}"),
       (r.init in ("phase2", "bicubic"), f"restore.init must be phase2 or bicubic, got {r.init!r}"),
       (r.weight >= 0 and r.steps >= 1 and r.lr > 0 and 0 < r.lr_end <= r.lr and r.eps > 0,
        "restore.weight must be >= 0, steps >= 1, 0 < lr_end <= lr and eps > 0"),
@@ -238,7 +241,7 @@ _FINAL_LOSSES = (("final_loss", "loss"), ("final_consistency_a", "cons_a"),
 
 
 def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, workdir=None,
-               fingerprint_parts=(), show_progress=True):
+               fingerprint_parts=(), show_progress=True, finish=True):
   """Reverse diffusion with joint U-Net / kernel optimisation.
 
   Returns ``(hr_image in [−1, 1], kernel (K, K), info)``; checkpoints every chunk
@@ -249,6 +252,10 @@ def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, wor
   otherwise one after another through the same compiled program (faster on XLA:CPU,
   where vmapped convolutions become slow grouped ones); sample j is the same run either
   way, up to float rounding.
+
+  With ``finish`` (the default) the result then goes through :func:`finish_phase2`
+  (the kfjax options ``kernel.threshold``, ``kernel.blend`` and ``restore.final``);
+  ``finish=False`` returns Phase 2's own image and kernel.
   """
   sched = train_pd.make_schedule(cfg)
   p2 = sampler.Phase2(cfg, pd_model, pd_params, sched, lr_image.shape, scale, fixed_kernel)
@@ -259,7 +266,8 @@ def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, wor
   total = p2.total_iterations
   mode = "nonblind" if fixed_kernel is not None else "blind"
   fp = ckpt.fingerprint(np.asarray(lr_image), *fingerprint_parts, cfg.unet.to_dict(),
-                        cfg.kernel.to_dict(), _phase2_state_fields(cfg.sample), int(scale),
+                        _without(cfg.kernel, "threshold", "blend", "blend_sigma"),
+                        _without(cfg.sample, "iters_per_chunk", "checkpoint_every"), int(scale),
                         mode, None if fixed_kernel is None else np.asarray(fixed_kernel),
                         *precision_part(cfg), sampler.STATE_VERSION)
   info = {"steps": p2.num_steps, "iterations": total, "mode": mode, "samples": n,
@@ -345,18 +353,44 @@ def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, wor
     hr = np.clip(hr.astype(np.float64), -1.0, 1.0).mean(axis=0).astype(np.float32)
     kernel = kernel.astype(np.float64).mean(axis=0)
     kernel = (kernel / kernel.sum()).astype(np.float32)
-  if fixed_kernel is None and cfg.kernel.threshold > 0:
-    kernel = kernel_net.threshold_kernel(kernel, cfg.kernel.threshold)
+  if finish:
+    hr, kernel, extra = finish_phase2(cfg, lr_image, hr, kernel, scale, fixed_kernel is None)
+    info.update(extra)
+  return hr, kernel, info
+
+
+def finish_kernel(cfg, kernel, scale):
+  """A blind run's kernel after the kfjax options ``kernel.threshold`` (taps below that
+  fraction of the maximum zeroed, :func:`kernel_net.threshold_kernel`) and then
+  ``kernel.blend`` (mixed with a centred Gaussian of std ``kernel.blend_sigma × scale``,
+  :func:`kernel_net.blend_kernel`). Either at 0 leaves the kernel as it is."""
+  k = cfg.kernel
+  if k.threshold > 0:
+    kernel = kernel_net.threshold_kernel(kernel, k.threshold)
+  if k.blend > 0:
+    kernel = kernel_net.blend_kernel(kernel, k.blend, k.blend_sigma * int(scale))
+  return kernel
+
+
+def finish_phase2(cfg, lr_image, hr, kernel, scale, blind):
+  """What follows Algorithm 1 (kfjax options, all off in the paper's setting): the
+  kernel through :func:`finish_kernel` (blind runs only), then with ``restore.final``
+  the image re-solved with it (:func:`final_restore`). Images in [−1, 1]; returns
+  ``(hr, kernel, info)``."""
+  info = {}
+  if blind:
+    kernel = finish_kernel(cfg, kernel, scale)
   if cfg.restore.final:
     hr, info["final_restore"] = final_restore(cfg, lr_image, hr, kernel, scale)
   return hr, kernel, info
 
 
-def _phase2_state_fields(sample_cfg):
-  """``cfg.sample`` without the fields that only set dispatch and checkpoint granularity
-  (they change neither the result nor the state, so a checkpoint survives them)."""
-  d = sample_cfg.to_dict()
-  for key in ("iters_per_chunk", "checkpoint_every"):
+def _without(block, *keys):
+  """``block.to_dict()`` without ``keys``: fields that change neither Phase 2's state nor
+  its result (dispatch and checkpoint granularity, post-processing applied afterwards),
+  kept out of the checkpoint fingerprint so that a checkpoint survives them."""
+  d = block.to_dict()
+  for key in keys:
     d.pop(key, None)
   return d
 

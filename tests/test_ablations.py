@@ -326,6 +326,8 @@ def test_pd_levels_stay_below_t_max():
                                         ({"restore.init": "noise"}, "restore.init"),
                                         ({"restore.eps": 0.0}, "restore.weight"),
                                         ({"kernel.threshold": 1.0}, "kernel.threshold"),
+                                        ({"kernel.blend": 1.5}, "kernel.blend"),
+                                        ({"kernel.blend_sigma": 0.0}, "kernel.blend"),
                                         ({"sample.tv_weight": -1.0}, "tv_weight")])
 def test_new_options_are_validated(bad, needle):
   with pytest.raises(KfjaxError, match=needle):
@@ -365,12 +367,37 @@ def test_threshold_kernel_matches_numpy():
                              rtol=1e-6)
 
 
-def test_blind_phase2_thresholds_its_kernel_and_nonblind_keeps_the_given_one(pd):
+def _gaussian_numpy(size, sigma):
+  """Centred isotropic Gaussian at the pixel centres, sum 1 (written out here)."""
+  c = np.arange(size) - (size - 1) / 2.0
+  g = np.exp(-(c[:, None] ** 2 + c[None, :] ** 2) / (2.0 * sigma ** 2))
+  return g / g.sum()
+
+
+def test_blend_kernel_matches_numpy():
+  k = np.random.default_rng(1).normal(size=(12, 12))
+  got = kernel_net.blend_kernel(k, 0.3, 0.7)
+  kp = np.clip(k, 0, None)
+  want = 0.7 * kp / kp.sum() + 0.3 * _gaussian_numpy(12, 0.7)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+  assert got.dtype == np.float32 and abs(float(got.sum()) - 1.0) < 1e-6
+  np.testing.assert_allclose(kernel_net.blend_kernel(k, 0.0, 0.7), kernel_net.export_kernel(k),
+                             rtol=1e-6)
+  np.testing.assert_allclose(kernel_net.blend_kernel(k, 1.0, 0.7), _gaussian_numpy(12, 0.7),
+                             rtol=1e-6, atol=1e-9)
+
+
+def test_blind_phase2_thresholds_and_blends_its_kernel_and_nonblind_keeps_the_given_one(pd):
   model, params, _ = pd
   lr = np.asarray(_lr_image())
-  cfg = _cfg({"kernel.threshold": 0.9, "sample.num_steps": 2})
+  cfg = _cfg({"kernel.threshold": 0.9, "kernel.blend": 0.5, "kernel.blend_sigma": 0.4,
+              "sample.num_steps": 2})
   _, k, _ = pipeline.run_phase2(cfg, model, params, lr, SCALE, show_progress=False)
-  assert k.min() == 0 and k[k > 0].min() >= 0.9 * k.max() and abs(k.sum() - 1) < 1e-6
+  assert abs(k.sum() - 1) < 1e-6
+  # k = 0.5·thresholded + 0.5·g: the thresholded half is zero below 0.9 × its maximum.
+  thr = (k.astype(np.float64) - 0.5 * _gaussian_numpy(12, 0.4 * SCALE)) / 0.5
+  assert thr.min() > -1e-6 and abs(thr.sum() - 1) < 1e-5
+  assert (thr > 1e-6).sum() < 144 and thr[thr > 1e-6].min() >= 0.9 * thr.max() - 1e-5
   given = np.full((12, 12), 1 / 144, np.float32)
   given[0, 0] = 0.1 / 144
   given /= given.sum()

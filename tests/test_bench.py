@@ -258,8 +258,8 @@ def test_kernelfusion_and_nonblind_share_phase1(smoke_cfg, tmp_path):
   # The post-processing sweep re-derives tv_blind (threshold 0) and tv_nonblind from the
   # stored run: the same numbers as the runner's rows.
   from kfjax.bench import postprocess
-  postprocess.main(["--workdir", wd, "--thresholds", "0,0.9", "--sigmas", "0.5", "--border", "2",
-                    "--weights", "1e-4"])
+  postprocess.main(["--workdir", wd, "--thresholds", "0,0.9", "--sigmas", "0.5,0.35",
+                    "--border", "2", "--weights", "1e-4", "--blends", "1"])
   with open(os.path.join(wd, "postprocess.csv")) as f:
     (pp,) = list(csv.DictReader(f))
   assert float(pp["thr0"]) == pytest.approx(float(rows[2]["subpixel_psnr"]), abs=1e-3)
@@ -272,6 +272,13 @@ def test_kernelfusion_and_nonblind_share_phase1(smoke_cfg, tmp_path):
     want = metrics.kernel_width_ratio(kernel_net.threshold_kernel(k, t), k_case)
     assert float(pp[f"width{t:g}"]) == pytest.approx(want, rel=1e-6)
   assert pp["thr0_w0.0001"] == pp["thr0"]   # the config's own weight, computed again
+  # Blend weight 1 is the Gaussian of kernel.blend_sigma = 0.35 alone (another code path).
+  assert float(pp["thr0_b1"]) == pytest.approx(float(pp["gauss0.35"]), abs=1e-3)
+  # Phase 2's own kernel and image are stored beside the finished ones (equal here: the
+  # smoke preset post-processes nothing).
+  kf = [d for d in os.listdir(case_dir) if d.startswith("kf-")][0]
+  np.testing.assert_allclose(np.load(os.path.join(case_dir, kf, "kernel_phase2.npy")), k,
+                             rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("method", ["nonblind", "tv_nonblind"])

@@ -6,13 +6,20 @@ For every stored blind KernelFusion run of a benchmark workdir (``runs/<case>/kf
 fingerprint>/``, written by the ``kernelfusion`` and ``tv_blind`` methods) this scores, by
 sub-pixel aligned PSNR against the case's HR image (8-px border):
 
-* ``bicubic``; ``phase2``: the run's own SR image (Algorithm 1's output);
+The run's Phase 2 image and kernel are ``sr_phase2.npy`` / ``kernel_phase2.npy`` (before
+any post-processing of the config; runs stored before those files existed hold Phase 2's
+own in ``sr.npy`` / ``kernel.npy``).
+
+* ``bicubic``; ``phase2``: the run's Phase 2 image (Algorithm 1's output);
 * ``tv_true``: the TV solver (:mod:`kfjax.restore`) with the TRUE kernel (``tv_nonblind``);
 * ``thr<T>``: the TV solver from the bicubic start with the run's kernel after
   :func:`kfjax.models.kernel_net.threshold_kernel` at ``T`` (``thr0`` = ``tv_blind``),
   i.e. what ``kernel.threshold=T restore.final=True restore.init=bicubic`` outputs;
   ``p2init<T>``: the same from Phase 2's image (``restore.init=phase2``);
 * ``thr<T>_w<W>``: ``thr<T>`` with the TV weight ``W`` instead of the config's (``--weights``);
+* ``thr<T>_b<B>``: ``thr<T>`` with the thresholded kernel then blended with the Gaussian
+  of ``kernel.blend_sigma`` at weight ``B`` (``--blends``): ``kernel.threshold=T
+  kernel.blend=B``;
 * ``gauss<σ>``: the TV solver with a fixed isotropic Gaussian of std ``σ·s`` in place of an
   estimate (what knowing nothing about the kernel buys).
 
@@ -25,6 +32,7 @@ are the base config's ``restore`` block.
 import argparse
 import csv
 import glob
+import io
 import json
 import os
 import sys
@@ -32,6 +40,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 
+from kfjax import io as kio
 from kfjax import kernels
 from kfjax import metrics
 from kfjax import resize
@@ -49,13 +58,20 @@ def runs(workdir, fingerprints=None):
       continue
     case = os.path.basename(os.path.dirname(d))
     meta = os.path.join(workdir, "cases", case, "case.json")
-    if not os.path.exists(os.path.join(d, "kernel.npy")) or not os.path.exists(meta):
+    if not os.path.exists(_file(d, "kernel")) or not os.path.exists(meta):
       continue
     out.append((suites.CaseSpec(**json.load(open(meta))["spec"]), d, fp))
   return out
 
 
-def score_run(spec, run_dir, cases_dir, thresholds, sigmas, rcfg, border=8, weights=()):
+def _file(run_dir, what):
+  """``<what>_phase2.npy`` (Phase 2's own) where the run has it, else ``<what>.npy``."""
+  p = os.path.join(run_dir, f"{what}_phase2.npy")
+  return p if os.path.exists(p) else os.path.join(run_dir, f"{what}.npy")
+
+
+def score_run(spec, run_dir, cases_dir, thresholds, sigmas, rcfg, border=8, weights=(),
+              blends=(), blend_sigma=0.35):
   """The row of one run: every column of the module docstring."""
   case = suites.load_case(spec, cases_dir)
   if case.kernel is None:
@@ -63,8 +79,8 @@ def score_run(spec, run_dir, cases_dir, thresholds, sigmas, rcfg, border=8, weig
   s = spec.scale
   aligned = lambda x: metrics.subpixel_psnr(np.asarray(x, np.float64), case.hr, crop=border)
   tv = lambda k, x_init=None: restore.solve_cfg(case.lr, k, s, rcfg, x_init)[0]
-  k_est = np.load(os.path.join(run_dir, "kernel.npy"))
-  sr = np.load(os.path.join(run_dir, "sr.npy"))
+  k_est = np.load(_file(run_dir, "kernel"))
+  sr = np.load(_file(run_dir, "sr"))
   row = {"case": spec.name, "config": os.path.basename(run_dir)[3:],
          "bicubic": aligned(np.clip(np.asarray(resize.upscale(jnp.asarray(case.lr), s)), 0, 1)),
          "phase2": aligned(sr), "tv_true": aligned(tv(case.kernel)),
@@ -78,6 +94,8 @@ def score_run(spec, run_dir, cases_dir, thresholds, sigmas, rcfg, border=8, weig
       other = rcfg.copy_and_resolve_references()
       other.weight = w
       row[f"thr{t:g}_w{w:g}"] = aligned(restore.solve_cfg(case.lr, k, s, other)[0])
+    for b in blends:
+      row[f"thr{t:g}_b{b:g}"] = aligned(tv(kernel_net.blend_kernel(k, b, blend_sigma * s)))
   for sg in sigmas:
     row[f"gauss{sg:g}"] = aligned(tv(kernels.gaussian(case.kernel.shape[0], s, sigma=sg * s)))
   return row
@@ -101,21 +119,26 @@ def main(argv=None):
   ap.add_argument("--border", type=int, default=8)
   ap.add_argument("--weights", default="", help="also these restore.weight values (at x2), "
                   "with the estimated kernel thresholded (columns thr<T>_w<W>)")
+  ap.add_argument("--blends", default="", help="also these kernel.blend weights after each "
+                  "threshold (columns thr<T>_b<B>)")
   args = ap.parse_args(argv)
   try:
     thresholds = [float(t) for t in args.thresholds.split(",") if t]
     sigmas = [float(t) for t in args.sigmas.split(",") if t]
     weights = [float(t) for t in args.weights.split(",") if t]
+    blends = [float(t) for t in args.blends.split(",") if t]
   except ValueError:
-    sys.exit("kfjax.bench.postprocess: error: --thresholds, --sigmas and --weights take numbers")
+    sys.exit("kfjax.bench.postprocess: error: --thresholds, --sigmas, --weights and --blends "
+             "take numbers")
   found = runs(args.workdir, [c for c in args.configs.split(",") if c])
   if not found:
     sys.exit(f"kfjax.bench.postprocess: error: no stored blind run under {args.workdir}/runs")
-  rcfg = config_lib.base_config().restore
+  base = config_lib.base_config()
+  rcfg = base.restore
   rows = []
   for spec, d, _ in found:
     row = score_run(spec, d, os.path.join(args.workdir, "cases"), thresholds, sigmas, rcfg,
-                    args.border, weights)
+                    args.border, weights, blends, base.kernel.blend_sigma)
     if row is None:
       continue
     rows.append(row)
@@ -126,11 +149,11 @@ def main(argv=None):
   for c, (mean, low) in summary(rows).items():
     print(f"{c:>12s}: {mean:+.2f} dB over bicubic on average, worst {low:+.2f} ({len(rows)} runs)")
   path = os.path.join(args.workdir, "postprocess.csv")
-  with open(path + ".tmp", "w", newline="") as f:
-    w = csv.DictWriter(f, list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-  os.replace(path + ".tmp", path)
+  text = io.StringIO(newline="")
+  w = csv.DictWriter(text, list(rows[0]))
+  w.writeheader()
+  w.writerows(rows)
+  kio.save_text_atomic(path, text.getvalue())
   print(f"rows: {path}")
 
 

@@ -160,6 +160,23 @@ def threshold_kernel(kernel, threshold):
   return (k / k.sum()).astype(np.float32)
 
 
+def blend_kernel(kernel, weight, sigma):
+  """``(1 − weight)·k + weight·g`` (NumPy float32, sum 1): ``k`` the kernel clipped at
+  zero and renormalised, ``g`` an isotropic Gaussian of std ``sigma`` (HR pixels) on the
+  same grid, centred at ``(K − 1)/2``.
+
+  A kernel estimated too wide (or wrong) makes any solver that trusts it over-sharpen
+  and ring; a too-narrow one only leaves the image softer. Shrinking the estimate toward
+  a small generic blur trades a little of a good estimate's gain for a bound on a bad
+  one's loss (BENCHMARKS.md, "Where the gap is").
+  """
+  k = np.clip(np.asarray(kernel, np.float64), 0.0, None)
+  k = k / k.sum()
+  g = gaussian_blob(k.shape[0], float(sigma))
+  out = (1.0 - float(weight)) * k + float(weight) * g / g.sum()
+  return (out / out.sum()).astype(np.float32)
+
+
 def export_kernel(kernel):
   """Clip to non-negative, renormalise, float32 NumPy."""
   k = np.clip(np.asarray(kernel, np.float64), 0.0, None)
