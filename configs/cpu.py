@@ -7,8 +7,9 @@ process (10 steps × 80 iterations).
 
     python -m kfjax.main --image x.png --scale 2 --config configs/cpu.py
 
-After Phase 2 the kernel's negligible taps are zeroed and the SR image is re-solved with
-it by TV-regularised least squares (below). Runtime and quality on the shipped example and
+After Phase 2 the kernel's negligible taps are zeroed, the kernel is shrunk halfway toward
+a small Gaussian, and the SR image is re-solved with it by TV-regularised least squares
+(below). Runtime and quality on the shipped example and
 on the benchmark suites: README "Quick start" and BENCHMARKS.md.
 """
 
@@ -56,13 +57,16 @@ def get_config():
   # the convolutions into grouped ones: ~2x slower (photos3x3, 3 samples: 608-630 vs
   # 269-285 s per case; BENCHMARKS.md "Averaging runs").
   cfg.sample.vmap_samples = False
-  # After Phase 2 (kfjax options; --config.kernel.threshold=0 --config.restore.final=False
-  # gives Algorithm 1's output): the kernel's taps below 40 % of its maximum are zeroed
-  # (its low, wide halo costs several dB), and the SR image is the TV-regularised
-  # restoration with that kernel from the bicubic start (Phase 2's own image, at this
-  # budget, is 1-2 dB worse even with the true kernel). Chosen on the tuning cases rocket /
-  # camera / coins / brick (BENCHMARKS.md, "Where the gap is").
+  # After Phase 2 (kfjax options; --config.kernel.threshold=0 --config.kernel.blend=0
+  # --config.restore.final=False gives Algorithm 1's output): the kernel's taps below 40 %
+  # of its maximum are zeroed (its low, wide halo costs several dB), the kernel is then
+  # mixed half and half with a Gaussian of std 0.35·s (at this budget Phase 2's kernel is
+  # sometimes a wrong blob; an over-wide or wrong kernel costs far more under the solver
+  # than a too-narrow one), and the SR image is the TV-regularised restoration with that
+  # kernel from the bicubic start (Phase 2's own image, at this budget, is 1-2 dB worse
+  # even with the true kernel). BENCHMARKS.md, "Where the gap is".
   cfg.kernel.threshold = 0.4
+  cfg.kernel.blend = 0.5
   cfg.restore.final = True
   cfg.restore.init = "bicubic"
   # --method kernelgan: the paper's 3000 iterations with 16- instead of 64-channel G and
