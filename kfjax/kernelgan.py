@@ -54,7 +54,6 @@ import optax
 import tqdm
 
 from kfjax import ops
-from kfjax import pipeline
 from kfjax import resize
 from kfjax.errors import KfjaxError
 from kfjax.models import kernel_net
@@ -310,7 +309,7 @@ def train(cfg, lr_image, scale_g, show_progress=True):
   pg, (_, gw_g) = crop_probabilities(img, model.crop_g)
   pd, (_, gw_d) = crop_probabilities(img, model.crop_d)
   total = int(kc.iterations)
-  n = pipeline.chunk_size(total, int(kc.steps_per_chunk))
+  n = ops.chunk_size(total, int(kc.steps_per_chunk))
   chunk = model.make_chunk(n)
   rng = jax.random.key(cfg.seed + 8)
   bar = tqdm.tqdm(total=total, desc="KernelGAN", unit="it", disable=not show_progress,

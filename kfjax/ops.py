@@ -135,9 +135,14 @@ def _conv_valid(x, w):
 
 
 def largest_divisor(n, most):
-  """The largest divisor of ``n`` that is at most ``most`` (≥ 1); also sizes the
-  compiled chunks of the training loops (``pipeline.chunk_size``)."""
+  """The largest divisor of ``n`` that is at most ``most`` (≥ 1)."""
   return max(d for d in range(1, max(1, most) + 1) if n % d == 0)
+
+
+def chunk_size(total, wanted):
+  """One compiled chunk's length for a loop of ``total`` steps: the largest divisor of
+  ``total`` that is <= ``wanted``, so that every chunk runs the same program."""
+  return largest_divisor(total, min(wanted, total))
 
 
 def _weight_grad_dots(x, g, kh, kw):

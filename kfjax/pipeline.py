@@ -86,7 +86,7 @@ def validate_config(cfg):
       (cfg.sample.pd_tile >= 0, "sample.pd_tile must be >= 0"),
       (cfg.kernel.size >= 0, "kernel.size must be >= 0 (0: 6 x scale)"),
       (cfg.unet.levels >= 1, "unet.levels must be >= 1"),
-      (cfg.get("precision", "float32") in ("float32", "bfloat16"),
+      (cfg.precision in ("float32", "bfloat16"),
        f"precision must be float32 or bfloat16, got {cfg.get('precision')!r}"),
   ]
   checks += _ablation_checks(cfg)
@@ -100,7 +100,7 @@ def _ablation_checks(cfg):
   k, s, g, r = cfg.kernel, cfg.sample, cfg.kernelgan, cfg.restore
   nets = kernel_net.KERNEL_NETS
   ok_net = k.net in nets
-  size = int(k.size) or 6 * int(cfg.scale)
+  size = sampler.kernel_size(cfg, cfg.scale)
   sizes = tuple(k.cnn_sizes) or kernel_net.linear_cnn_sizes(int(cfg.scale), size)
   return [
       (ok_net, f"kernel.net must be one of {', '.join(nets)}, got {k.net!r}"),
@@ -140,11 +140,6 @@ def _ablation_checks(cfg):
   ]
 
 
-def chunk_size(total, wanted):
-  """The largest divisor of ``total`` that is <= ``wanted`` (one compiled chunk length)."""
-  return ops.largest_divisor(total, min(wanted, total))
-
-
 def pd_fingerprint(cfg, lr_image):
   """Identifies a trained PD: the image and every field that shapes its training."""
   return ckpt.fingerprint(np.asarray(lr_image), cfg.pd.to_dict(), cfg.train.to_dict(),
@@ -154,7 +149,7 @@ def pd_fingerprint(cfg, lr_image):
 def precision_part(cfg):
   """``(precision,)`` for checkpoint fingerprints, or ``()`` at the float32 default, so
   float32 checkpoints written before the field existed keep their fingerprint."""
-  p = cfg.get("precision", "float32")
+  p = cfg.precision
   return () if p == "float32" else (p,)
 
 
@@ -189,7 +184,7 @@ def train_phase1(cfg, lr_image, workdir=None, show_progress=True):
   if done >= total:
     return model, state.params, info
 
-  chunk_len = chunk_size(total, int(cfg.train.steps_per_chunk))
+  chunk_len = ops.chunk_size(total, int(cfg.train.steps_per_chunk))
   chunk = train_pd.make_train_chunk(cfg, model, sched, tx, lr_image, chunk_len)
   every = max(int(cfg.train.checkpoint_every), chunk_len)
   bar = tqdm.tqdm(total=total, initial=done, desc="phase 1 (patch diffusion)", unit="step",
@@ -272,7 +267,7 @@ def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, wor
                         *precision_part(cfg), sampler.STATE_VERSION)
   info = {"steps": p2.num_steps, "iterations": total, "mode": mode, "samples": n,
           "restored_step": None}
-  chunk_len = chunk_size(total, int(cfg.sample.iters_per_chunk))
+  chunk_len = ops.chunk_size(total, int(cfg.sample.iters_per_chunk))
   chunk = p2.make_chunk(chunk_len, batch=None if together == 1 else together)
   every = int(cfg.sample.checkpoint_every)
   # One group of samples per program run: all N vmapped, or sample j alone (j = 0 … N−1;

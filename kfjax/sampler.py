@@ -69,6 +69,8 @@ class Phase2Metrics(NamedTuple):
 
 
 def kernel_size(cfg, scale):
+  """The kernel's side K: ``kernel.size``, or 6 × scale when it is 0 (the one place this
+  default is worked out)."""
   return int(cfg.kernel.size) if cfg.kernel.size else 6 * int(scale)
 
 

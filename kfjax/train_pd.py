@@ -27,7 +27,7 @@ class PDState(NamedTuple):
 
 def compute_dtype(cfg):
   """The networks' compute dtype from ``cfg.precision`` (``float32`` or ``bfloat16``)."""
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.get("precision", "float32")]
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.precision]
 
 
 def make_model(cfg, channels):

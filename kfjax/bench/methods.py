@@ -33,6 +33,7 @@ from kfjax import io as kio
 from kfjax import pipeline
 from kfjax import resize
 from kfjax import restore
+from kfjax import sampler
 from kfjax.errors import KfjaxError
 from kfjax.models import kernel_net
 
@@ -211,7 +212,7 @@ def nonblind(case, cfg, workdir):
   if case.kernel is None:
     raise NotApplicable("no true kernel for a non-linear degradation")
   cfg = _prepare(case, cfg)
-  k_size = int(cfg.kernel.size) or 6 * case.spec.scale
+  k_size = sampler.kernel_size(cfg, case.spec.scale)
   if case.kernel.shape[0] != k_size:
     raise NotApplicable(f"true kernel is {case.kernel.shape[0]}px, config kernel {k_size}px")
   model, params, t1 = trained_pd(case, cfg, _case_dir(workdir))
