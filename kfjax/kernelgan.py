@@ -53,6 +53,7 @@ import numpy as np
 import optax
 import tqdm
 
+from kfjax import loop
 from kfjax import ops
 from kfjax import resize
 from kfjax.errors import KfjaxError
@@ -314,16 +315,13 @@ def train(cfg, lr_image, scale_g, show_progress=True):
   rng = jax.random.key(cfg.seed + 8)
   bar = tqdm.tqdm(total=total, desc="KernelGAN", unit="it", disable=not show_progress,
                   dynamic_ncols=True)
-  metrics = None
-  done = 0
-  while done < total:
-    state, metrics = chunk(state, img, jnp.asarray(pg), jnp.asarray(pd), gw_g, gw_d, rng)
-    done += n
-    g = float(metrics.g_loss[-1])
-    if not np.isfinite(g):
-      raise FloatingPointError(f"KernelGAN generator loss is {g} at iteration {done}")
-    bar.set_postfix(g=f"{g:.4f}", d=f"{float(metrics.d_loss[-1]):.4f}")
-    bar.update(n)
+  pg, pd = jnp.asarray(pg), jnp.asarray(pd)
+
+  def report(m, at):
+    g = loop.finite(m.g_loss[-1], "KernelGAN generator loss", f"iteration {at}")
+    return {"g": f"{g:.4f}", "d": f"{float(m.d_loss[-1]):.4f}"}
+  state, metrics = loop.run_chunks(lambda s: chunk(s, img, pg, pd, gw_g, gw_d, rng), state,
+                                   done=0, total=total, length=n, bar=bar, report=report)
   bar.close()
   info = {"iterations": total, "scale_trained": int(scale_g), "crop_g": model.crop_g,
           "crop_d": model.crop_d}

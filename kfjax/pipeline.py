@@ -24,6 +24,7 @@ import tqdm
 
 from kfjax import checkpoint as ckpt
 from kfjax import io as kio
+from kfjax import loop
 from kfjax import ops
 from kfjax import resize
 from kfjax import restore
@@ -149,7 +150,7 @@ def pd_fingerprint(cfg, lr_image):
 def precision_part(cfg):
   """``(precision,)`` for checkpoint fingerprints, or ``()`` at the float32 default, so
   float32 checkpoints written before the field existed keep their fingerprint."""
-  p = cfg.precision
+  p = cfg.get("precision", "float32")  # (configs stored before the field existed lack it)
   return () if p == "float32" else (p,)
 
 
@@ -189,29 +190,21 @@ def train_phase1(cfg, lr_image, workdir=None, show_progress=True):
   every = max(int(cfg.train.checkpoint_every), chunk_len)
   bar = tqdm.tqdm(total=total, initial=done, desc="phase 1 (patch diffusion)", unit="step",
                   disable=not show_progress, dynamic_ncols=True)
-  last_loss = None
-  pending = None
-  while done < total:
-    state, losses = chunk(state)
-    # Report the previous chunk while this one runs (keeps the host off the hot path).
-    if pending is not None:
-      last_loss = float(jnp.mean(pending))
-      if not np.isfinite(last_loss):
-        raise FloatingPointError(f"phase 1 loss is {last_loss} at step {done}")
-      bar.set_postfix(loss=f"{last_loss:.4f}")
-    pending = losses
-    done += chunk_len
-    bar.update(chunk_len)
-    if saver is not None and (done % every < chunk_len or done >= total):
-      saver.save(done, state)
-  last_loss = float(jnp.mean(pending))
-  if not np.isfinite(last_loss):
-    raise FloatingPointError(f"phase 1 loss is {last_loss} at step {done}")
-  bar.set_postfix(loss=f"{last_loss:.4f}")
+  last = {}
+
+  def report(losses, at):
+    last["loss"] = loop.finite(losses, "phase 1 loss", f"step {at}")
+    return {"loss": f"{last['loss']:.4f}"}
+
+  def after(state, at):
+    if saver is not None and (at % every < chunk_len or at >= total):
+      saver.save(at, state)
+  state, _ = loop.run_chunks(chunk, state, done=done, total=total, length=chunk_len, bar=bar,
+                             report=report, after=after, lag=True)
   bar.close()
   if saver is not None:
     saver.wait()
-  info["final_loss"] = last_loss
+  info["final_loss"] = last["loss"]
   return model, state.params, info
 
 
@@ -300,20 +293,22 @@ def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, wor
           log(f"resuming {label} from reverse step {int(state.step)}/{p2.num_steps}")
     done = p2.iterations_done(state)
     bar.update(done)
-    metrics = None
-    while done < total:
-      before = int(state.step) if saver is not None else 0
-      state, metrics = chunk(state, lr_in, rng)
-      done += chunk_len
-      loss = np.asarray(metrics.loss[-1])
-      if not np.all(np.isfinite(loss)):
-        raise FloatingPointError(f"phase 2 loss is {loss} at iteration {done}")
-      bar.set_postfix(t=int(metrics.t[-1]), loss=f"{float(loss.mean()):.5f}", refresh=False)
-      bar.update(chunk_len)
+    saved = [int(state.step)]
+
+    def report(m, at):
+      loss = loop.finite(m.loss[-1], "phase 2 loss", f"iteration {at}")
+      return {"t": int(m.t[-1]), "loss": f"{loss:.5f}"}
+
+    def after(state, at, saver=saver):
       # A checkpoint (labelled by iterations done) whenever the step counter passes a
       # multiple of checkpoint_every, and at the end.
-      if saver is not None and (int(state.step) // every > before // every or done >= total):
-        saver.save(done, state)
+      step = int(state.step)
+      if saver is not None and (step // every > saved[0] // every or at >= total):
+        saver.save(at, state)
+        saved[0] = step
+    state, metrics = loop.run_chunks(lambda s: chunk(s, lr_in, rng), state, done=done,
+                                     total=total, length=chunk_len, bar=bar, report=report,
+                                     after=after)
     if saver is not None:
       saver.close()
     # The last iteration's losses (per sample of the group); kept with the checkpoint so

@@ -1,0 +1,45 @@
+"""The host loop shared by Phase 1, Phase 2 and KernelGAN.
+
+Each of them compiles one ``chunk`` program (a ``lax.scan`` over a fixed number of steps)
+and calls it until its work is done; between calls the host checks the losses, moves the
+progress bar and maybe writes a checkpoint. Only the chunk and those three callbacks
+differ, so the loop itself lives here once.
+"""
+
+import numpy as np
+
+
+def run_chunks(chunk, state, *, done, total, length, bar, report, after=None, lag=False):
+  """Call ``state, out = chunk(state)`` until ``done`` reaches ``total`` (``length`` steps
+  per call); returns ``(state, out of the last call)`` (``out`` is None if nothing ran).
+
+  ``report(out, done) -> dict`` turns a call's output into the bar's postfix (and raises
+  on a non-finite loss); ``after(state, done)`` runs after every call (checkpoints).
+  With ``lag`` the output of call ``n`` is reported while call ``n + 1`` runs (reading it
+  waits for the device, which would otherwise idle between chunks); the last one is
+  reported after the loop.
+  """
+  out = pending = None
+  while done < total:
+    state, out = chunk(state)
+    done += length
+    if not lag:
+      bar.set_postfix(**report(out, done), refresh=False)
+    elif pending is not None:
+      bar.set_postfix(**report(*pending), refresh=False)
+    pending = (out, done)
+    bar.update(length)
+    if after is not None:
+      after(state, done)
+  if lag and pending is not None:
+    bar.set_postfix(**report(*pending))
+  return state, out
+
+
+def finite(value, what, where):
+  """``value`` as a float (the mean of an array); raises FloatingPointError if it, or any
+  entry, is not finite."""
+  a = np.asarray(value, np.float64)
+  if not np.all(np.isfinite(a)):
+    raise FloatingPointError(f"{what} is {a if a.ndim else float(a)} at {where}")
+  return float(a.mean())
