@@ -29,7 +29,7 @@ setup(
         "absl-py>=2.0,<3",
         "filelock>=3.12,<4",         # JAX's compilation cache needs it to cap its size
         "tqdm>=4.65,<5",
-        "scipy>=1.11,<2",            # kernel zoo (kfjax.kernels)
+        "scipy>=1.11,<2",            # kernel zoo (kfjax.bench.kernels)
         "scikit-image>=0.22,<0.27",  # SSIM, and the bundled photos used as examples
         "matplotlib>=3.8,<4",        # benchmark figures (kfjax.bench.report)
     ],

@@ -14,7 +14,7 @@ import numpy as np
 import skimage.data
 
 from kfjax import io as kio
-from kfjax import kernels
+from kfjax.bench import kernels
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 from kfjax import io as kio
-from kfjax import metrics
+from kfjax.bench import metrics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

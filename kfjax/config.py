@@ -181,3 +181,12 @@ def parse_flags(argv, fail):
     fail(f"the config has no field {field!r} (see the preset file for the fields)")
   except (TypeError, ValueError) as e:
     fail(f"bad --config override: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+def define_config_flag(help_text):
+  """The ``--config`` flag of kfjax's command lines: a preset name or file, by default the
+  ``default`` preset (``paper`` on an accelerator, else ``cpu``); any field overridable as
+  ``--config.<field>=<value>`` (see :func:`parse_flags`)."""
+  from ml_collections import config_flags  # noqa: PLC0415 (only command lines need it)
+  return config_flags.DEFINE_config_file("config", preset_path("default"), help_text,
+                                         lock_config=False)

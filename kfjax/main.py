@@ -12,7 +12,6 @@ import os
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
 from kfjax import config as config_lib
 from kfjax.errors import KfjaxError
@@ -26,14 +25,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None,
                                "with the same workdir reuses the trained patch-diffusion model.")
 _KERNEL = flags.DEFINE_string("kernel", None,
                               "Non-blind mode: a K×K .npy kernel to use instead of estimating one.")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", config_lib.preset_path("default"),
-    "Preset file (configs/<preset>.py) or preset name: paper, cpu, smoke.", lock_config=False)
+_CONFIG = config_lib.define_config_flag(
+    "Preset file (configs/<preset>.py) or preset name: paper, cpu, smoke.")
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress bars (nor restore/resume messages).")
 _COMPILE_CACHE = flags.DEFINE_string(
     "compile_cache", None,
     "Folder for JAX's persistent compilation cache: later runs on same-size images skip "
-    "compiling (cpu preset: ~17 s per image saved). Default: $JAX_COMPILATION_CACHE_DIR, "
+    "compiling. Default: $JAX_COMPILATION_CACHE_DIR, "
     "else $XDG_CACHE_HOME/kfjax/jax (~/.cache/kfjax/jax); '' turns it off.")
 _METHOD = flags.DEFINE_enum("method", "kernelfusion", ["kernelfusion", "kernelgan"],
                             "kernelfusion (blind, the default) or kernelgan: KernelGAN estimates "

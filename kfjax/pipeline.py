@@ -2,9 +2,8 @@
 
 :func:`run` is what ``python -m kfjax.main`` calls and what a notebook calls::
 
-    from kfjax import pipeline
-    from kfjax.configs import cpu                # or any preset module
-    cfg = cpu.get_config()
+    from kfjax import config, pipeline
+    cfg = config.preset("cpu")                   # configs/cpu.py (installed as kfjax.configs)
     summary = pipeline.run("photo.png", cfg, workdir="out/photo")
     print(summary["sr_path"], summary["kernel_path"])
 

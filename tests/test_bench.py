@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from kfjax import degrade
-from kfjax import kernels
-from kfjax import metrics
+from kfjax.bench import kernels
+from kfjax.bench import metrics
 from kfjax.bench import methods
 from kfjax.bench import report
 from kfjax.bench import runner

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from kfjax import io as kio
-from kfjax import metrics
+from kfjax.bench import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "quickstart_figure.py")

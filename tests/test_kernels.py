@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from kfjax import degrade, kernels
+from kfjax import degrade
+from kfjax.bench import kernels
 from kfjax.errors import KfjaxError
 
 NAMES = sorted(kernels.KERNELS)

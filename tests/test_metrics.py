@@ -6,7 +6,7 @@ from scipy import ndimage
 from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from kfjax import kernels, metrics
+from kfjax.bench import kernels, metrics
 
 
 def _image(shape, seed=0, smooth=1.5):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from kfjax import degrade
-from kfjax import kernels
-from kfjax import metrics
+from kfjax.bench import kernels
+from kfjax.bench import metrics
 from kfjax import resize
 from kfjax import restore
 

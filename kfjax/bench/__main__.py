@@ -20,7 +20,6 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
 from kfjax import config as config_lib
 from kfjax import errors
@@ -34,10 +33,8 @@ _SCALES = flags.DEFINE_list("scales", [], "Only these scales (default: all of th
 _CASES = flags.DEFINE_list("cases", [], "Only cases whose name contains one of these strings.")
 _BORDER = flags.DEFINE_integer("border", 8, "Pixels cropped from every border before PSNR/SSIM.",
                                lower_bound=0)
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", config_lib.preset_path("default"),
-    "Preset file or name (paper, cpu, smoke); fields overridable as --config.<field>=<value>.",
-    lock_config=False)
+_CONFIG = config_lib.define_config_flag(
+    "Preset file or name (paper, cpu, smoke); fields overridable as --config.<field>=<value>.")
 _SEEDS = flags.DEFINE_list("seeds", [], "Run every row once per seed (sets config.seed); "
                            "default: the config's seed only.")
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")

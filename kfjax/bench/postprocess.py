@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kfjax import io as kio
-from kfjax import kernels
-from kfjax import metrics
+from kfjax.bench import kernels
+from kfjax.bench import metrics
 from kfjax import resize
 from kfjax import restore
 from kfjax.bench import suites

@@ -29,7 +29,7 @@ import numpy as np
 import tqdm
 
 from kfjax import io as kio
-from kfjax import metrics
+from kfjax.bench import metrics
 from kfjax import pipeline
 from kfjax.bench import methods as methods_lib
 from kfjax.bench import suites

@@ -1,10 +1,10 @@
 """Benchmark suites: deterministic cases built from photos bundled with scikit-image.
 
-A case is one photo, one degradation (a kernel family of :data:`kfjax.kernels.KERNELS`
-or a non-linear filter of :data:`kfjax.kernels.NONLINEAR`), one scale and one seed. Its
+A case is one photo, one degradation (a kernel family of :data:`kfjax.bench.kernels.KERNELS`
+or a non-linear filter of :data:`kfjax.bench.kernels.NONLINEAR`), one scale and one seed. Its
 true HR image is an ``hr_size``² crop of the photo at a position drawn from the seed, its
 true kernel is ``make_kernel(family, 6·s, s, seed)``, and its LR image is the HR image
-degraded by the model's own operator (:func:`kfjax.kernels.degrade_image`) and quantised
+degraded by the model's own operator (:func:`kfjax.bench.kernels.degrade_image`) and quantised
 to 8 bits, as the LR photo a user has would be. Everything follows from the case name,
 so a case is rebuilt bit for bit anywhere; :func:`load_case` caches it on disk.
 
@@ -29,7 +29,7 @@ import zlib
 import numpy as np
 
 from kfjax import io as kio
-from kfjax import kernels
+from kfjax.bench import kernels
 from kfjax.errors import KfjaxError
 
 # Real photographs bundled with scikit-image (no download needed): colour and grey.

@@ -305,13 +305,19 @@ def bench_phase1_torch(cfg, steps, repeats):
   model = torch_ref.pd_from_config(cfg, CHANNELS).to(memory_format=torch.channels_last)
   step = torch_ref.Phase1Step(model, train_pd.make_schedule(cfg), _image(max(2 * crop, 64)), batch,
                               crop, cfg.train.lr, cfg.train.lr_end, cfg.train.steps)
-  step()
+  return dict(step_s=_torch_seconds_per_call(step, steps, repeats))
+
+
+def _torch_seconds_per_call(fn, calls, repeats):
+  """Median seconds per call of ``fn`` over ``repeats`` runs of ``calls`` calls (after
+  one warm-up call), synchronised with the torch device."""
+  fn()
 
   def run():
-    for _ in range(steps):
-      step()
+    for _ in range(calls):
+      fn()
     _torch_sync()
-  return dict(step_s=median_time(run, repeats) / steps)
+  return median_time(run, repeats) / calls
 
 
 # -- Phase 2 ----------------------------------------------------------------------------------
@@ -438,13 +444,7 @@ def bench_phase2_torch(cfg, hr_size, iters, repeats):
                                  rng.uniform(-1, 1, shape), rng.uniform(-1, 1, shape),
                                  rng.normal(size=shape), rng.uniform(-1, 1, (1, CHANNELS, lr_side, lr_side)),
                                  ts[0], ts[1], scale, float(cfg.sample.com_weight))
-  it()
-
-  def run():
-    for _ in range(iters):
-      it()
-    _torch_sync()
-  return dict(iter_s=median_time(run, repeats) / iters)
+  return dict(iter_s=_torch_seconds_per_call(it, iters, repeats))
 
 
 # -- Phase 2, part by part ----------------------------------------------------------------
