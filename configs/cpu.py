@@ -33,11 +33,9 @@ def get_config():
   cfg.unet.levels = 4
   cfg.unet.max_channels = 128
   # The kernel as a deep linear CNN (appendix C.1's KernelGAN-like net) instead of the
-  # paper's SIREN: on this budget it recovers kernels better (tuning cases rocket/camera/
-  # coins, seeds 0-2: blind PSNR 25.63 vs 24.51 dB, better in 7 of 9 pairs; kernel NCC
-  # 0.876 vs 0.841; BENCHMARKS.md "Tuning") at the same cost per iteration.
-  # --config.kernel.net=inr gives the SIREN, which then starts from a small Gaussian
-  # (σ = 0.25·s; +1.5 dB over its near-uniform default start on the same cases).
+  # paper's SIREN: on this budget it recovers kernels better, at the same cost per
+  # iteration (BENCHMARKS.md, "Tuning"). --config.kernel.net=inr gives the SIREN, which
+  # then starts from a small Gaussian (σ = 0.25·s) rather than its near-uniform default.
   cfg.kernel.net = "linear_cnn"
   cfg.kernel.width = 64
   cfg.kernel.depth = 3
@@ -54,8 +52,7 @@ def get_config():
   cfg.sample.iters_per_chunk = 20
   cfg.sample.checkpoint_every = 5
   # --config.sample.num_samples=N runs one sample after another: vmapped, XLA:CPU turns
-  # the convolutions into grouped ones: ~2x slower (photos3x3, 3 samples: 608-630 vs
-  # 269-285 s per case; BENCHMARKS.md "Averaging runs").
+  # the convolutions into slow grouped ones (BENCHMARKS.md, "Averaging runs").
   cfg.sample.vmap_samples = False
   # After Phase 2 (kfjax options; --config.kernel.threshold=0 --config.kernel.blend=0
   # --config.restore.final=False gives Algorithm 1's output): the kernel's taps below 40 %
@@ -70,7 +67,7 @@ def get_config():
   cfg.restore.final = True
   cfg.restore.init = "bicubic"
   # --method kernelgan: the paper's 3000 iterations with 16- instead of 64-channel G and
-  # D (~70 s for a 64×64 LR image on the 2-core CPU, measured).
+  # D, so that KernelGAN stays a fraction of a KernelFusion run on a CPU.
   cfg.kernelgan.g_channels = 16
   cfg.kernelgan.d_channels = 16
   cfg.kernelgan.steps_per_chunk = 250

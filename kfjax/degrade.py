@@ -61,15 +61,14 @@ def downscale(x, kernel, scale):
   # Polyphase form: the s² pixel phases of the padded planes become s² input features of
   # a stride-1 convolution with ceil(K/s)² taps (the kernel zero-padded to a multiple of
   # s and split by phase). Same sums as the strided K×K convolution, but XLA:CPU runs a
-  # stride-1 convolution with several input features 2× faster, forward and backward
-  # (one Phase 2 call, 256² → 128² at K = 12, value + both gradients: 6 vs 11-13 ms).
+  # stride-1 convolution with several input features about twice as fast, forward and
+  # backward (BENCHMARKS.md, "XLA:CPU implementation notes").
   taps = -(-ksize // scale)
   kflip = jnp.pad(kernel[::-1, ::-1], ((0, taps * scale - ksize),) * 2)
   rhs = kflip.reshape(taps, scale, taps, scale).transpose(0, 2, 1, 3)
   rhs = rhs.reshape(taps, taps, scale * scale, 1)
   phases = _phases(planes, out_h + taps - 1, out_w + taps - 1, scale)
-  # ops.conv2d: its gradients beat XLA's own here (same case, with another job running:
-  # 7.1 vs 9.5 ms).
+  # ops.conv2d: its gradients beat XLA's own here too.
   y = ops.conv2d(phases, rhs)[..., 0]
   y = jnp.moveaxis(y.reshape((-1, c, out_h, out_w)), 1, -1)
   return y.reshape((*lead, out_h, out_w, c))

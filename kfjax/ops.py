@@ -2,10 +2,8 @@
 
 XLA:CPU compiles the two backward convolutions of ``lax.conv_general_dilated`` (input
 and weight gradients) to much slower code than the forward convolution, and inside
-``lax.scan`` / ``fori_loop`` bodies the gap grows to 5-7× (measured here: a 3×3,
-48-channel weight gradient takes 0.11 s jitted alone and 0.81 s per iteration in a
-scan; with :func:`jit`'s options a 256², 16-channel 3×3 convolution's forward + backward
-takes 24 ms through ``jax.grad`` and 9 ms through :func:`conv2d`). :func:`conv2d` has a
+``lax.scan`` / ``fori_loop`` bodies the gap grows several-fold (figures: BENCHMARKS.md,
+"XLA:CPU implementation notes"). :func:`conv2d` has a
 custom VJP that writes both gradients as plain forward convolutions in NHWC/HWIO form,
 which XLA runs at forward speed everywhere:
 
@@ -16,18 +14,16 @@ which XLA runs at forward speed everywhere:
   role of the channel axis (``lhs = x`` as (C_in, H, W, N), ``rhs = g`` as
   (H', W', N, C_out)), giving (C_in, k, k, C_out), with the roles of ``x`` and ``g``
   swapped when ``g`` has far fewer channels (:func:`_weight_grad_conv`); or (``weight_grad="dots"``) one
-  grouped matrix product per kernel tap. The products were 2-5×
-  faster for batches of crops while XLA:CPU ran convolutions through YNNPACK; with
-  :func:`jit`'s options the convolution is faster for every network here (PD step at
-  the paper's shapes: 6.2 s vs 7.6 s), so all networks use :data:`Conv`.
+  grouped matrix product per kernel tap. The products were faster for batches of crops
+  while XLA:CPU ran convolutions through YNNPACK; with :func:`jit`'s options the
+  convolution is faster for every network here, so all networks use :data:`Conv`.
 
-Two more XLA:CPU facts shape the code (measured on the project's 2-core CPU, jax 0.10.2):
-a YNNPACK convolution with any non-zero padding runs ~2.5× faster than the same
-convolution without padding, so the VALID forward computes one extra output row and
-drops it (harmless for XLA's own convolutions); and a ``dot`` contracting a huge axis
-into a small output (the weight gradient as one matrix product) runs on one core, so
-:func:`_weight_grad_dots` splits the contraction into groups. ``kfjax.bench.throughput``
-measures the effect.
+Two more XLA:CPU facts shape the code: a YNNPACK convolution with any non-zero padding
+runs much faster than the same convolution without padding, so the VALID forward
+computes one extra output row and drops it (harmless for XLA's own convolutions); and a
+``dot`` contracting a huge axis into a small output (the weight gradient as one matrix
+product) runs on one core, so :func:`_weight_grad_dots` splits the contraction into
+groups. ``kfjax.bench.throughput`` measures the effects.
 
 All of this is about XLA:CPU: off the CPU backend :func:`conv2d` is the plain convolution
 with XLA's own gradients (:func:`conv_backward`; ``KFJAX_CONV_BACKWARD`` overrides).
@@ -50,11 +46,9 @@ import jax.numpy as jnp
 
 from kfjax.errors import KfjaxError
 
-# XLA:CPU hands convolutions to YNNPACK by default; on this project's CPU YNNPACK runs
-# them 1.5-2× slower than XLA's own (Eigen) convolutions (3×3, 32 channels, 266² image:
-# 13.6 vs 8.2 ms, 95 vs 157 GFLOP/s), and 5× slower without padding. Keeping YNNPACK for
-# matrix products and reductions only took a Phase 2 iteration (cpu preset, 256²) from
-# 0.54 to 0.44 s and a Phase 1 step from 0.063 to 0.045 s (BENCHMARKS.md, "Throughput").
+# XLA:CPU hands convolutions to YNNPACK by default, which runs them slower than XLA's own
+# (Eigen) convolutions, and far slower without padding; keeping YNNPACK for matrix
+# products and reductions only speeds up both phases (BENCHMARKS.md, "Throughput").
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
@@ -125,9 +119,9 @@ def _conv(x, w, padding=((0, 0), (0, 0))):
 def _conv_valid(x, w):
   """VALID convolution computed as one with an extra, discarded output row.
 
-  XLA:CPU runs a convolution with any non-zero padding ~2.5× faster than the same
-  convolution without padding (3×3, 128 channels, 32×76×76 input: 0.43 s vs 1.06 s,
-  the same numbers). 1×1 convolutions are fast either way and are left alone.
+  XLA:CPU runs a convolution with any non-zero padding much faster than the same
+  convolution without padding (the same numbers come out). 1×1 convolutions are fast
+  either way and are left alone.
   """
   if w.shape[0] == 1 and w.shape[1] == 1:
     return _conv(x, w)
@@ -167,9 +161,8 @@ def _weight_grad_conv(x, g):
 
   One operand is transposed to channels-first: the input ``x`` (as ``lhs``), or, when the
   output gradient ``g`` has far fewer channels, ``g`` zero-padded by ``k - 1`` (as ``lhs``,
-  with ``x`` as the window; the result comes out flipped in space). On XLA:CPU the
-  transposes cost about as much as the convolution: 32 → 16 channels, 3×3, 258²: 8.2 vs
-  10.6 ms; the 16 → 3 1×1 output layer: 0.29 vs 0.75 ms.
+  with ``x`` as the window; the result comes out flipped in space): transposing the
+  smaller operand is what keeps the transposes' cost below the convolution's on XLA:CPU.
   """
   kh, kw = x.shape[1] - g.shape[1] + 1, x.shape[2] - g.shape[2] + 1
   ci, co = x.shape[-1], g.shape[-1]
@@ -231,8 +224,8 @@ def _input_grad(g, w):
   convolved with the flipped, in/out-swapped kernel; or, for few input channels
   (``C_in <= 4``: the networks' first layers), one matrix product to the ``k·k·C_in``
   tap contributions, scattered back by ``k²`` shifted adds (col2im). XLA:CPU runs a
-  convolution with so few output features slowly: 32 → 3 channels, 3×3, 268²: 13.6 vs
-  4.2-4.7 ms; 16 → 3 at 254²: 6.8 vs 2.3 ms (measured with another job running)."""
+  convolution with so few output features slowly (figures: BENCHMARKS.md, "XLA:CPU
+  implementation notes")."""
   kh, kw, ci, _ = w.shape
   if ci > 4 or kh * kw == 1:
     return _conv(g, jnp.swapaxes(w[::-1, ::-1], 2, 3), ((kh - 1, kh - 1), (kw - 1, kw - 1)))

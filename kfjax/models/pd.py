@@ -42,8 +42,8 @@ class PatchDiffusion(nn.Module):
   @nn.compact
   def __call__(self, x, t):
     # ``ops.Conv``: gradients as forward convolutions (XLA:CPU's own convolutions under
-    # ``ops.jit``; the grouped-product weight gradient, ``weight_grad="dots"``, is slower there
-    # now: 7.6 vs 6.2 s per step at the paper's shapes).
+    # ``ops.jit``; the grouped-product weight gradient, ``weight_grad="dots"``, is slower
+    # there: BENCHMARKS.md, "XLA:CPU implementation notes").
     conv = lambda f, k, name: ops.Conv(f, (k, k), padding="VALID", dtype=self.dtype, name=name)
     emb = timestep_embedding(t, self.emb_dim)
     emb = nn.Dense(self.emb_dim, dtype=self.dtype, name="emb0")(emb)
