@@ -298,7 +298,7 @@ def run_phase2(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, wor
       loss = loop.finite(m.loss[-1], "phase 2 loss", f"iteration {at}")
       return {"t": int(m.t[-1]), "loss": f"{loss:.5f}"}
 
-    def after(state, at, saver=saver):
+    def after(state, at):
       # A checkpoint (labelled by iterations done) whenever the step counter passes a
       # multiple of checkpoint_every, and at the end.
       step = int(state.step)

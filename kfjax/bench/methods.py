@@ -103,12 +103,12 @@ def trained_pd(case, cfg, case_dir):
   return model, params, seconds
 
 
-def phase2(case, cfg, pd, fixed_kernel=None, finish=True):
+def phase2(case, cfg, pd, fixed_kernel=None):
   """Phase 2 on ``case.lr`` with trained ``pd = (model, params)``; returns
-  ``(sr in [0, 1], kernel, seconds)`` (``finish``: see ``pipeline.run_phase2``)."""
+  ``(sr in [0, 1], kernel, seconds)``."""
   t0 = time.time()
   hr, k, _ = pipeline.run_phase2(cfg, pd[0], pd[1], case.lr * 2.0 - 1.0, case.spec.scale,
-                                 fixed_kernel=fixed_kernel, show_progress=False, finish=finish)
+                                 fixed_kernel=fixed_kernel, show_progress=False)
   sr = np.clip((hr + 1.0) / 2.0, 0.0, 1.0)
   return sr, kernel_net.export_kernel(k), time.time() - t0
 
@@ -152,12 +152,17 @@ def blind_result(case, cfg, case_dir):
     return Result(sr=np.load(files["sr.npy"]), kernel=np.load(files["kernel.npy"]),
                   seconds=info["seconds"], info=info["info"])
   model, params, t1 = trained_pd(case, cfg, case_dir)
-  sr_p2, k_p2, t2 = phase2(case, cfg, (model, params), finish=False)
   t0 = time.time()
-  hr, k, _ = pipeline.finish_phase2(cfg, case.lr * 2.0 - 1.0, sr_p2 * 2.0 - 1.0, k_p2,
-                                    case.spec.scale, blind=True)
-  sr, k = np.clip((np.asarray(hr) + 1.0) / 2.0, 0.0, 1.0), kernel_net.export_kernel(k)
-  t2 += time.time() - t0
+  # What run_phase2 does by default, split at finish_phase2 so that both halves are kept
+  # (the finishing sees Phase 2's unclipped image, as in the command line).
+  lr, s = case.lr * 2.0 - 1.0, case.spec.scale
+  hr_p2, k_p2, _ = pipeline.run_phase2(cfg, model, params, lr, s, show_progress=False,
+                                       finish=False)
+  hr, k, _ = pipeline.finish_phase2(cfg, lr, hr_p2, k_p2, s, blind=True)
+  t2 = time.time() - t0
+  to_sr = lambda x: np.clip((np.asarray(x) + 1.0) / 2.0, 0.0, 1.0)
+  sr_p2, k_p2 = to_sr(hr_p2), kernel_net.export_kernel(k_p2)
+  sr, k = to_sr(hr), kernel_net.export_kernel(k)
   result = Result(sr=sr, kernel=k, seconds=t1 + t2,
                   info={"seconds_phase1": t1, "seconds_phase2": t2})
   os.makedirs(d, exist_ok=True)
