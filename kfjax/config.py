@@ -5,6 +5,8 @@ Every field can be overridden on the command line, e.g. ``--config.train.steps=2
 
 import ml_collections
 
+DTYPES = ("float32", "bfloat16")
+
 
 def base_config():
   cfg = ml_collections.ConfigDict()
@@ -134,6 +136,19 @@ def base_config():
       steps_per_chunk=100,  # iterations per dispatch (lax.scan)
   ))
   return cfg
+
+
+def compute_dtype(cfg):
+  """The networks' compute dtype from ``cfg.precision`` (``float32`` or ``bfloat16``)."""
+  import jax.numpy as jnp  # noqa: PLC0415 (the config itself needs no JAX)
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.precision]
+
+
+def precision_part(cfg):
+  """``(precision,)`` for checkpoint fingerprints, or ``()`` at the float32 default, so
+  float32 checkpoints written before the field existed keep their fingerprint."""
+  p = cfg.get("precision", "float32")  # (configs stored before the field existed lack it)
+  return () if p == "float32" else (p,)
 
 
 PRESETS = ("paper", "cpu", "smoke")

@@ -55,12 +55,26 @@ import tqdm
 
 from kfjax import loop
 from kfjax import ops
+from kfjax import runtime
 from kfjax import resize
 from kfjax.errors import KfjaxError
 from kfjax.models import kernel_net
 
 
 # -- networks ---------------------------------------------------------------------------
+
+def checks(g):
+  """``(ok, message)`` pairs for ``cfg.kernelgan`` (``pipeline.validate_config``)."""
+  return [
+      (g.iterations >= 1 and g.steps_per_chunk >= 1 and g.batch_size >= 1,
+       "kernelgan.iterations, steps_per_chunk and batch_size must be >= 1"),
+      (g.crop_size >= 4 and g.d_depth >= 2 and g.d_kernel >= 1 and g.g_channels >= 1
+       and g.d_channels >= 1 and len(g.g_sizes) >= 1 and all(int(x) >= 1 for x in g.g_sizes),
+       "kernelgan.crop_size >= 4, d_depth >= 2, and sizes/channels >= 1 are required"),
+      (g.lr > 0 and g.switch_iter >= 0 and g.lambda_update_freq >= 1,
+       "kernelgan.lr must be > 0, switch_iter >= 0, lambda_update_freq >= 1"),
+  ]
+
 
 def g_kernel_size(kcfg, scale_g):
   """K of G's explicit kernel: ``kernelgan.kernel_size`` or G's receptive field rounded
@@ -289,7 +303,7 @@ class KernelGAN:
                     regs["sparse"], regs["centralized"])
       return (new, image, pg, pd, gw_g, gw_d, rng), m
 
-    @ops.jit
+    @runtime.jit
     def chunk(state, image, probs_g, probs_d, grid_w_g, grid_w_d, rng):
       carry = (state, image, probs_g, probs_d, grid_w_g, grid_w_d, rng)
       (state, *_), metrics = jax.lax.scan(iteration, carry, length=steps)
@@ -306,11 +320,11 @@ def train(cfg, lr_image, scale_g, show_progress=True):
   kc = cfg.kernelgan
   img = jnp.asarray(np.asarray(lr_image, np.float32) * 2.0 - 1.0)
   model = KernelGAN(cfg, img.shape, scale_g)
-  state = ops.jit(model.init, static_argnums=1)(jax.random.key(cfg.seed + 7), img.shape[-1])
+  state = runtime.jit(model.init, static_argnums=1)(jax.random.key(cfg.seed + 7), img.shape[-1])
   pg, (_, gw_g) = crop_probabilities(img, model.crop_g)
   pd, (_, gw_d) = crop_probabilities(img, model.crop_d)
   total = int(kc.iterations)
-  n = ops.chunk_size(total, int(kc.steps_per_chunk))
+  n = loop.chunk_size(total, int(kc.steps_per_chunk))
   chunk = model.make_chunk(n)
   rng = jax.random.key(cfg.seed + 8)
   bar = tqdm.tqdm(total=total, desc="KernelGAN", unit="it", disable=not show_progress,
@@ -327,7 +341,7 @@ def train(cfg, lr_image, scale_g, show_progress=True):
           "crop_d": model.crop_d}
   if metrics is not None:
     info["final"] = {f: float(getattr(metrics, f)[-1]) for f in KGMetrics._fields}
-  return np.asarray(ops.jit(model.kernel)(state.g_params)), info, (model, chunk, state)
+  return np.asarray(runtime.jit(model.kernel)(state.g_params)), info, (model, chunk, state)
 
 
 def estimate_kernel(lr_image, scale, cfg, show_progress=True):

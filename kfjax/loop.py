@@ -8,6 +8,19 @@ differ, so the loop itself lives here once.
 
 import numpy as np
 
+from kfjax import ops
+
+
+def log(msg):
+  """One line of progress for a person (the phases' restore/resume messages)."""
+  print(f"kfjax: {msg}", flush=True)
+
+
+def chunk_size(total, wanted):
+  """One compiled chunk's length for a loop of ``total`` steps: the largest divisor of
+  ``total`` that is <= ``wanted``, so that every chunk runs the same program."""
+  return ops.largest_divisor(total, min(wanted, total))
+
 
 def run_chunks(chunk, state, *, done, total, length, bar, report, after=None, lag=False):
   """Call ``state, out = chunk(state)`` until ``done`` reaches ``total`` (``length`` steps

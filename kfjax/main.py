@@ -13,6 +13,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from kfjax import runtime
 from kfjax import config as config_lib
 from kfjax.errors import KfjaxError
 from kfjax.errors import fail as _fail
@@ -56,7 +57,7 @@ def main(argv):
     cfg.scale = _SCALE.value
   stem = os.path.splitext(os.path.basename(_IMAGE.value))[0] or "image"
   workdir = _WORKDIR.value or os.path.join("kfjax_out", stem)
-  ops.use_compile_cache(ops.compile_cache_dir(_COMPILE_CACHE.value))
+  runtime.use_compile_cache(runtime.compile_cache_dir(_COMPILE_CACHE.value))
   try:
     ops.conv_backward()  # a bad KFJAX_CONV_BACKWARD fails before any work
     pipeline.run(_IMAGE.value, cfg, workdir, kernel_path=_KERNEL.value,

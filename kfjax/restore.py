@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from kfjax import degrade
-from kfjax import ops
+from kfjax import runtime
 from kfjax import resize
 
 FIELDS = ("weight", "steps", "lr", "lr_end", "eps")
@@ -46,7 +46,7 @@ def loss(x, lr_image, kernel, scale, weight, eps):
   return data + weight * tv(x, eps)
 
 
-@functools.partial(ops.jit, static_argnames=("scale", "steps"))
+@functools.partial(runtime.jit, static_argnames=("scale", "steps"))
 def _solve(x0, lr_image, kernel, scale, steps, weight, eps, lr, lr_end):
   sched = optax.cosine_decay_schedule(lr, steps, alpha=lr_end / lr)
   tx = optax.adam(sched)

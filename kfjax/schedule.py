@@ -34,6 +34,12 @@ def linear_schedule(num_steps=1000, beta_start=1e-4, beta_end=0.02, dtype=jnp.fl
   return Schedule(jnp.asarray(betas, dtype), jnp.asarray(alpha_bar, dtype))
 
 
+def from_config(cfg):
+  """The schedule of ``cfg.diffusion`` (shared by Phase 1's training and Phase 2)."""
+  d = cfg.diffusion
+  return linear_schedule(d.num_steps, d.beta_start, d.beta_end)
+
+
 def _coefs(sched, t):
   ab = sched.alpha_bar[t]
   return jnp.sqrt(ab), jnp.sqrt(1.0 - ab)

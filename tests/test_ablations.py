@@ -15,8 +15,9 @@ import pytest
 from kfjax import config as config_lib
 from kfjax import degrade
 from kfjax import pipeline
-from kfjax import sampler
-from kfjax import train_pd
+from kfjax import phase2
+from kfjax import schedule as sch
+from kfjax import phase1
 from kfjax.errors import KfjaxError
 from kfjax.models import kernel_net
 
@@ -62,21 +63,21 @@ def _lr_image():
 @pytest.fixture(scope="module")
 def pd():
   cfg = _cfg()
-  model = train_pd.make_model(cfg, LR_SHAPE[-1])
-  tx = train_pd.make_optimizer(cfg)
-  state = jax.jit(lambda k: train_pd.init_state(cfg, model, tx, LR_SHAPE, k))(_key(0))
-  return model, state.params, train_pd.make_schedule(cfg)
+  model = phase1.make_model(cfg, LR_SHAPE[-1])
+  tx = phase1.make_optimizer(cfg)
+  state = jax.jit(lambda k: phase1.init_state(cfg, model, tx, LR_SHAPE, k))(_key(0))
+  return model, state.params, sch.from_config(cfg)
 
 
 def _count_forward(p2):
-  """Count Python traces of ``p2._forward`` (one per trace of a chunk)."""
+  """Count Python traces of ``p2.forward`` (one per trace of a chunk)."""
   calls = [0]
-  inner = p2._forward
+  inner = p2.forward
 
   def counted(*args):
     calls[0] += 1
     return inner(*args)
-  p2._forward = counted
+  p2.forward = counted
   return calls
 
 
@@ -86,7 +87,7 @@ def option_run(request, pd):
   cfg = _cfg(OPTIONS[name])
   model, params, sched = pd
   dip = cfg.sample.prior == "dip"
-  p2 = sampler.Phase2(cfg, None if dip else model, None if dip else params, sched, LR_SHAPE,
+  p2 = phase2.Phase2(cfg, None if dip else model, None if dip else params, sched, LR_SHAPE,
                       SCALE)
   calls = _count_forward(p2)
   lr = _lr_image()
@@ -98,7 +99,7 @@ def option_run(request, pd):
     state, m = chunk(state, lr, _key(2))
     traces.append(calls[0])
     metrics.append(jax.tree.map(np.asarray, m))
-  metrics = sampler.Phase2Metrics(*[np.concatenate(f) for f in zip(*metrics)])
+  metrics = phase2.Phase2Metrics(*[np.concatenate(f) for f in zip(*metrics)])
   hr, k = p2.result(state)
   return dict(name=name, cfg=cfg, p2=p2, init=init, state=state, chunk=chunk, traces=traces,
               metrics=metrics, hr=np.asarray(hr), kernel=np.asarray(k))
@@ -111,7 +112,7 @@ def test_option_runs_traces_once_and_gives_a_valid_kernel(option_run):
   assert r["chunk"]._cache_size() == 1
   assert int(r["state"].step) == r["p2"].num_steps and int(r["state"].it) == 0
   k = r["kernel"]
-  ksize = sampler.kernel_size(r["cfg"], SCALE)
+  ksize = phase2.kernel_size(r["cfg"], SCALE)
   assert k.shape == (ksize, ksize) and np.all(np.isfinite(k))
   assert abs(float(k.sum()) - 1.0) < 1e-4
   e = kernel_net.export_kernel(k)
@@ -141,7 +142,7 @@ def test_option_specifics(option_run):
     # and S(k) = mean((|k| + ε)^0.2) is at most (1/K²)^0.2 for a kernel summing to 1 (the
     # uniform kernel, by concavity), so 0 < extra ≤ λ_sp·(K²)^-0.2 (λ_sp = 0.5).
     extra = m.loss - (m.cons_a + m.cons_b + w * m.com)
-    k2 = sampler.kernel_size(r["cfg"], SCALE) ** 2
+    k2 = phase2.kernel_size(r["cfg"], SCALE) ** 2
     assert np.all(extra > 0) and np.all(extra <= 0.5 * k2 ** -0.2 * 1.001)
   if name == "dip":
     # The network input is fixed (bicubic upscale); the loss counts it twice (a = b).
@@ -165,7 +166,7 @@ def test_option_nonblind_traces(name, pd):
   model, params, sched = pd
   k = np.zeros((12, 12), np.float32)
   k[5:7, 5:7] = 0.25
-  p2 = sampler.Phase2(cfg, model, params, sched, LR_SHAPE, SCALE, fixed_kernel=k)
+  p2 = phase2.Phase2(cfg, model, params, sched, LR_SHAPE, SCALE, fixed_kernel=k)
   lr = jax.ShapeDtypeStruct(LR_SHAPE, jnp.float32)
   init = jax.eval_shape(p2.init, lr, _key(5))
   assert "kernel" not in init.params
@@ -278,7 +279,7 @@ def test_presets_are_valid_at_every_scale(name, scale):
   cfg = config_lib.preset(name)
   cfg.scale = scale
   pipeline.validate_config(cfg)
-  net = sampler.make_kernel_net(cfg, scale)
+  net = phase2.make_kernel_net(cfg, scale)
   kcfg = cfg.kernel.copy_and_resolve_references()
   kcfg.init_steps = 5  # (the Gaussian fit itself is tested in test_models.py)
   params = kernel_net.initial_params(net, kcfg, scale, _key(0))
@@ -296,9 +297,9 @@ def _cosine(frac, lr, lr_end):
 
 def test_learning_rate_schedules():
   kw = dict(n_first=5, n_iter=3, num_steps=4, lr=1e-2, lr_end=1e-4)
-  per = [[float(sampler.learning_rate(i, j, **kw)) for j in range(5 if i == 0 else 3)]
+  per = [[float(phase2.learning_rate(i, j, **kw)) for j in range(5 if i == 0 else 3)]
          for i in range(4)]
-  glob = [[float(sampler.learning_rate(i, j, schedule="global", **kw))
+  glob = [[float(phase2.learning_rate(i, j, schedule="global", **kw))
            for j in range(5 if i == 0 else 3)] for i in range(4)]
   # Algorithm 1: every step restarts at lr and anneals over its own iterations.
   np.testing.assert_allclose(per[0], _cosine(np.arange(5) / 5, 1e-2, 1e-4), rtol=1e-6)
@@ -312,10 +313,10 @@ def test_learning_rate_schedules():
 
 def test_pd_levels_stay_below_t_max():
   cfg = _cfg({"train.t_max": 20})
-  sched = train_pd.make_schedule(cfg)
-  assert train_pd.max_level(cfg, sched) == 20
-  assert train_pd.max_level(_cfg(), sched) == cfg.diffusion.num_steps
-  t = np.asarray(train_pd.draw_levels(_key(0), 20000, 20))
+  sched = sch.from_config(cfg)
+  assert phase1.max_level(cfg, sched) == 20
+  assert phase1.max_level(_cfg(), sched) == cfg.diffusion.num_steps
+  t = np.asarray(phase1.draw_levels(_key(0), 20000, 20))
   assert t.min() == 1 and t.max() == 20
   counts = np.bincount(t, minlength=21)[1:]
   assert counts.min() > 800   # uniform: 1000 per level expected
@@ -342,13 +343,13 @@ def test_final_restore_is_the_tv_solver_from_phase2s_image():
   hr = np.clip(rng.normal(0, 0.5, (24, 32, 3)), -1, 1).astype(np.float32)
   k = kernel_net.gaussian_blob(12, 1.0).astype(np.float32)
   k /= k.sum()
-  got, info = pipeline.final_restore(cfg, lr, hr, k, SCALE)
+  got, info = phase2.final_restore(cfg, lr, hr, k, SCALE)
   want, values = restore.solve((np.asarray(lr) + 1) / 2, k, SCALE, 1e-4, steps=20, lr=1e-2,
                                lr_end=1e-4, eps=1e-3, x_init=(hr + 1) / 2)
   np.testing.assert_allclose(got, np.asarray(want) * 2 - 1, atol=1e-5)  # (float32 rounding)
   assert info["init"] == "phase2" and info["final_loss"] == pytest.approx(float(values[-1]))
   # From the bicubic start instead, the result differs.
-  other, _ = pipeline.final_restore(_cfg({"restore.steps": 20, "restore.init": "bicubic"}),
+  other, _ = phase2.final_restore(_cfg({"restore.steps": 20, "restore.init": "bicubic"}),
                                     lr, hr, k, SCALE)
   assert np.abs(other - got).max() > 1e-3
 
@@ -392,7 +393,7 @@ def test_blind_phase2_thresholds_and_blends_its_kernel_and_nonblind_keeps_the_gi
   lr = np.asarray(_lr_image())
   cfg = _cfg({"kernel.threshold": 0.9, "kernel.blend": 0.5, "kernel.blend_sigma": 0.4,
               "sample.num_steps": 2})
-  _, k, _ = pipeline.run_phase2(cfg, model, params, lr, SCALE, show_progress=False)
+  _, k, _ = phase2.run(cfg, model, params, lr, SCALE, show_progress=False)
   assert abs(k.sum() - 1) < 1e-6
   # k = 0.5·thresholded + 0.5·g: the thresholded half is zero below 0.9 × its maximum.
   thr = (k.astype(np.float64) - 0.5 * _gaussian_numpy(12, 0.4 * SCALE)) / 0.5
@@ -401,6 +402,6 @@ def test_blind_phase2_thresholds_and_blends_its_kernel_and_nonblind_keeps_the_gi
   given = np.full((12, 12), 1 / 144, np.float32)
   given[0, 0] = 0.1 / 144
   given /= given.sum()
-  _, k2, _ = pipeline.run_phase2(cfg, model, params, lr, SCALE, fixed_kernel=given,
+  _, k2, _ = phase2.run(cfg, model, params, lr, SCALE, fixed_kernel=given,
                                  show_progress=False)
   np.testing.assert_array_equal(k2, given)

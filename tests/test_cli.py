@@ -92,17 +92,17 @@ def test_compile_cache_is_filled_then_reused(blind_run, lr_png, private_compile_
   np.testing.assert_array_equal(kio.load_image(os.path.join(wd2, "sr.png"))[0],
                                 kio.load_image(os.path.join(wd, "sr.png"))[0])
   # --compile_cache= turns the cache off; a folder that cannot be made never stops a run.
-  from kfjax import ops
-  assert ops.compile_cache_dir("") is None
-  assert ops.compile_cache_dir("~/cc") == os.path.expanduser("~/cc")
+  from kfjax import runtime
+  assert runtime.compile_cache_dir("") is None
+  assert runtime.compile_cache_dir("~/cc") == os.path.expanduser("~/cc")
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/j")
-  assert ops.compile_cache_dir(None) == "/j"
+  assert runtime.compile_cache_dir(None) == "/j"
   monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
   monkeypatch.setenv("XDG_CACHE_HOME", "/x")
-  assert ops.compile_cache_dir(None) == os.path.join("/x", "kfjax", "jax")
+  assert runtime.compile_cache_dir(None) == os.path.join("/x", "kfjax", "jax")
   blocker = tmp_path / "file"
   blocker.write_text("")
-  assert ops.use_compile_cache(str(blocker / "cache")) is None
+  assert runtime.use_compile_cache(str(blocker / "cache")) is None
 
 
 def test_rerun_restores_pd_and_nonblind_uses_given_kernel(blind_run, lr_png):

@@ -1,4 +1,4 @@
-"""Phase 1 (``train_pd``) and Phase 2 (``sampler``) end to end with the smoke preset.
+"""Phase 1 (``kfjax.phase1``) and Phase 2 (``kfjax.phase2``) end to end with the smoke preset.
 
 Every jitted program is compiled once per module (module-scoped fixtures). PRNG keys
 are ``unsafe_rbg`` keys: the code under test only splits / folds / draws from the keys
@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kfjax import sampler
+from kfjax import phase2 as phase2_lib
 from kfjax import schedule as sch
-from kfjax import train_pd
+from kfjax import phase1 as phase1_lib
 from kfjax.models import kernel_net
 from kfjax.models import pd as pd_lib
 
@@ -61,12 +61,12 @@ def phase1():
   cfg.train.lr_end = 1e-3
   cfg.train.batch_size = 8
   image = _lr_image()
-  model = train_pd.make_model(cfg, LR_SHAPE[-1])
-  sched = train_pd.make_schedule(cfg)
-  tx = train_pd.make_optimizer(cfg)
-  state = jax.jit(lambda k: train_pd.init_state(cfg, model, tx, LR_SHAPE, k))(_key(0))
+  model = phase1_lib.make_model(cfg, LR_SHAPE[-1])
+  sched = sch.from_config(cfg)
+  tx = phase1_lib.make_optimizer(cfg)
+  state = jax.jit(lambda k: phase1_lib.init_state(cfg, model, tx, LR_SHAPE, k))(_key(0))
   params0 = state.params
-  chunk = train_pd.make_train_chunk(cfg, model, sched, tx, image, P1_CHUNK)
+  chunk = phase1_lib.make_train_chunk(cfg, model, sched, tx, image, P1_CHUNK)
   losses = []
   for _ in range(P1_STEPS // P1_CHUNK):
     state, chunk_losses = chunk(state)
@@ -77,7 +77,7 @@ def phase1():
   batch = jnp.broadcast_to(padded, (16,) + padded.shape)
   t = jnp.linspace(1, sched.num_steps, 16).astype(jnp.int32)
   noise = jnp.asarray(np.random.default_rng(9).normal(size=batch.shape), jnp.float32)
-  evaluate = jax.jit(lambda p: train_pd.loss_fn(model, sched, p, batch, t, noise))
+  evaluate = jax.jit(lambda p: phase1_lib.loss_fn(model, sched, p, batch, t, noise))
   return dict(cfg=cfg, model=model, sched=sched, state=state, chunk=chunk,
               losses=np.concatenate(losses),
               eval_losses=(float(evaluate(params0)), float(evaluate(state.params))))
@@ -108,16 +108,16 @@ def test_phase1_loss_decreases(phase1):
 
 def test_phase1_crop_size():
   cfg = _smoke_config()
-  assert train_pd.crop_size(cfg, (100, 100, 3)) == cfg.train.crop_size
-  assert train_pd.crop_size(cfg, (9, 100, 3)) == 9
-  assert train_pd.crop_size(cfg, (100, 5, 1)) == 5
+  assert phase1_lib.crop_size(cfg, (100, 100, 3)) == cfg.train.crop_size
+  assert phase1_lib.crop_size(cfg, (9, 100, 3)) == 9
+  assert phase1_lib.crop_size(cfg, (100, 5, 1)) == 5
 
 
 def test_phase1_loss_fn_zero_for_perfect_model():
   """``loss_fn`` compares the model output with the centre of ``v``: a stand-in model
   that returns exactly that gives zero loss (pins the halo cropping)."""
   cfg = _smoke_config()
-  sched = train_pd.make_schedule(cfg)
+  sched = sch.from_config(cfg)
   rng = np.random.default_rng(1)
   batch = jnp.asarray(rng.uniform(-1, 1, size=(2, 30, 30, 3)), jnp.float32)
   noise = jnp.asarray(rng.normal(size=batch.shape), jnp.float32)
@@ -133,7 +133,7 @@ def test_phase1_loss_fn_zero_for_perfect_model():
       eps = (x_t - a * batch) / b
       return (a * eps - b * batch)[:, 7:-7, 7:-7, :]
 
-  loss = float(jax.jit(lambda b, tt, n: train_pd.loss_fn(Oracle(), sched, None, b, tt, n))(
+  loss = float(jax.jit(lambda b, tt, n: phase1_lib.loss_fn(Oracle(), sched, None, b, tt, n))(
       batch, t, noise))
   assert loss < 1e-8
   assert float(jnp.mean(v ** 2)) > 0.1
@@ -142,7 +142,7 @@ def test_phase1_loss_fn_zero_for_perfect_model():
 # -- Phase 2 -----------------------------------------------------------------------------
 
 def _phase2_run(cfg, pd_model, pd_params, sched, lr_image, fixed_kernel, seed):
-  p2 = sampler.Phase2(cfg, pd_model, pd_params, sched, LR_SHAPE, SCALE,
+  p2 = phase2_lib.Phase2(cfg, pd_model, pd_params, sched, LR_SHAPE, SCALE,
                       fixed_kernel=fixed_kernel)
   state = jax.jit(p2.init)(lr_image, _key(seed))
   init_state = state
@@ -153,7 +153,7 @@ def _phase2_run(cfg, pd_model, pd_params, sched, lr_image, fixed_kernel, seed):
   for _ in range(p2.total_iterations // iters):
     state, m = chunk(state, lr_image, rng)
     metrics.append(jax.tree.map(np.asarray, m))
-  metrics = sampler.Phase2Metrics(*[np.concatenate(f) for f in zip(*metrics)])
+  metrics = phase2_lib.Phase2Metrics(*[np.concatenate(f) for f in zip(*metrics)])
   return dict(p2=p2, init=init_state, state=state, chunk=chunk, metrics=metrics)
 
 
@@ -175,7 +175,7 @@ def phase2_nonblind(phase1):
   k = np.zeros((12, 12), np.float32)
   k[4:8, 4:8] = 1.0 / 16  # centred 4×4 box: K = 12 and s = 2 have the same parity
   lr_image = jax.ShapeDtypeStruct(LR_SHAPE, jnp.float32)
-  p2 = sampler.Phase2(cfg, phase1["model"], phase1["state"].params, phase1["sched"], LR_SHAPE,
+  p2 = phase2_lib.Phase2(cfg, phase1["model"], phase1["state"].params, phase1["sched"], LR_SHAPE,
                       SCALE, fixed_kernel=k)
   init = jax.eval_shape(p2.init, lr_image, _key(5))
   chunk = p2.make_chunk(int(cfg.sample.iters_per_chunk))
@@ -214,7 +214,7 @@ def test_phase2_result(phase2_blind):
   assert x0.shape == (LR_SHAPE[0] * SCALE, LR_SHAPE[1] * SCALE, LR_SHAPE[2])
   assert np.all(np.isfinite(x0))
   assert x0.min() >= -1.0 and x0.max() <= 1.0
-  ksize = sampler.kernel_size(phase2_blind["cfg"], SCALE)
+  ksize = phase2_lib.kernel_size(phase2_blind["cfg"], SCALE)
   assert k.shape == (ksize, ksize) == (12, 12)
   assert abs(k.sum() - 1.0) < 1e-5 and k.min() >= -1e-4
   e = kernel_net.export_kernel(k)
@@ -267,11 +267,11 @@ def test_default_prng_keys_trace(phase1, phase2_blind):
   """The tests use ``unsafe_rbg`` keys; the CLI passes raw threefry ``PRNGKey``s. Both
   chunks trace with those too (``eval_shape``: no compilation)."""
   cfg = phase1["cfg"]
-  tx = train_pd.make_optimizer(cfg)
-  state = jax.eval_shape(lambda k: train_pd.init_state(cfg, phase1["model"], tx, LR_SHAPE, k),
+  tx = phase1_lib.make_optimizer(cfg)
+  state = jax.eval_shape(lambda k: phase1_lib.init_state(cfg, phase1["model"], tx, LR_SHAPE, k),
                          jax.random.PRNGKey(0))
   assert state.rng.shape == (2,) and state.rng.dtype == jnp.uint32
-  chunk = train_pd.make_train_chunk(cfg, phase1["model"], phase1["sched"], tx, _lr_image(), 2)
+  chunk = phase1_lib.make_train_chunk(cfg, phase1["model"], phase1["sched"], tx, _lr_image(), 2)
   new_state, losses = jax.eval_shape(chunk, state)
   assert losses.shape == (2,)
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
@@ -331,7 +331,6 @@ def test_phase2_resumes_mid_step_from_a_checkpoint(phase2_blind, tmp_path):
 def test_phase2_progress_bar_moves_per_chunk_of_iterations(phase1, monkeypatch):
   """The CLI's Phase 2 bar counts Adam iterations and advances after every chunk of
   ``sample.iters_per_chunk`` (not once per group of reverse steps)."""
-  from kfjax import pipeline
   bars = []
 
   class Bar:
@@ -347,9 +346,9 @@ def test_phase2_progress_bar_moves_per_chunk_of_iterations(phase1, monkeypatch):
 
     def close(self):
       pass
-  monkeypatch.setattr(pipeline.tqdm, "tqdm", Bar)
+  monkeypatch.setattr(phase2_lib.tqdm, "tqdm", Bar)
   cfg = _smoke_config()
-  pipeline.run_phase2(cfg, phase1["model"], phase1["state"].params, _lr_image(), SCALE)
+  phase2_lib.run(cfg, phase1["model"], phase1["state"].params, _lr_image(), SCALE)
   (bar,) = bars
   total = cfg.sample.n_iter_first + (cfg.sample.num_steps - 1) * cfg.sample.n_iter
   assert bar.total == total == 9

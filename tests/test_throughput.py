@@ -4,11 +4,11 @@
   ``jax.grad`` of ``lax.conv_general_dilated``;
 * the U-Net's reshape max-pool and sliced bilinear upsampling against ``nn.max_pool`` and
   the gather formulation, its 1×1 conv before the upsampling against after it;
-  ``ops.jit``'s XLA:CPU compiler options (``ops.conv2d``'s col2im input gradient and swapped
+  ``runtime.jit``'s XLA:CPU compiler options (``ops.conv2d``'s col2im input gradient and swapped
   weight gradient are in ``test_ops.py``, the polyphase degradation in ``test_degrade.py``);
 * Phase 2 with tiled PD against whole-image PD (loss and gradients of one iteration);
 * ``Phase2.make_chunk(steps, batch=N)`` against the images run one by one, tracing once;
-* ``sample.num_samples = N``: ``run_phase2``'s samples (vmapped, or one after another)
+* ``sample.num_samples = N``: ``phase2.run``'s samples (vmapped, or one after another)
   against single runs, and their resume;
 * the PyTorch reference (``kfjax.bench.torch_ref``) against kfjax with ported parameters
   (skipped without torch);
@@ -27,9 +27,11 @@ import pytest
 from kfjax import config as config_lib
 from kfjax import degrade
 from kfjax import ops
+from kfjax import runtime
 from kfjax import pipeline
-from kfjax import sampler
-from kfjax import train_pd
+from kfjax import phase2
+from kfjax import schedule as sch
+from kfjax import phase1
 from kfjax.errors import KfjaxError
 from kfjax.models import kernel_net
 
@@ -85,7 +87,7 @@ def test_largest_divisor():
     ops.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)), "im2col")
 
 
-# -- U-Net pooling and upsampling, ops.jit's compiler options -------------------------------
+# -- U-Net pooling and upsampling, runtime.jit's compiler options -------------------------------
 
 def _bilinear_gather(h):
   """The plain formulation of the U-Net's ×2 bilinear step: neighbours by gather."""
@@ -141,19 +143,19 @@ def test_unet_conv_before_upsampling_is_the_same_function():
 
 
 def test_ops_jit_compiler_options(monkeypatch):
-  """On CPU ``ops.jit`` keeps convolutions away from YNNPACK, computes what ``jax.jit``
+  """On CPU ``runtime.jit`` keeps convolutions away from YNNPACK, computes what ``jax.jit``
   computes, and leaves the choice to ``XLA_FLAGS`` when the user made one."""
   assert jax.default_backend() == "cpu"
-  opts = ops.compiler_options()
-  assert opts == ops.CPU_COMPILER_OPTIONS
+  opts = runtime.compiler_options()
+  assert opts == runtime.CPU_COMPILER_OPTIONS
   rng = np.random.default_rng(0)
   # 32 channels: XLA:CPU gives convolutions this size (not tiny ones) to YNNPACK.
   x = jnp.asarray(rng.normal(size=(1, 16, 16, 32)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(3, 3, 32, 32)), jnp.float32)
   f = lambda a, b: jax.lax.conv_general_dilated(a, b, (1, 1), "VALID",
                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  ours, plain = ops.jit(f), jax.jit(f)
-  # The program is one convolution: jax.jit wraps it in a YNNPACK fusion, ops.jit does not.
+  ours, plain = runtime.jit(f), jax.jit(f)
+  # The program is one convolution: jax.jit wraps it in a YNNPACK fusion, runtime.jit does not.
   assert plain.lower(x, w).compile().as_text().count("__ynn_fusion") >= 1
   text = ours.lower(x, w).compile().as_text()
   assert "convolution(" in text and "__ynn_fusion" not in text
@@ -166,13 +168,13 @@ def test_ops_jit_compiler_options(monkeypatch):
     np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=0,
                                atol=1e-5 * np.abs(ref).max())
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
-  ops.compiler_options.cache_clear()
+  runtime.compiler_options.cache_clear()
   try:
-    assert ops.compiler_options() is None
+    assert runtime.compiler_options() is None
   finally:
     monkeypatch.undo()
-    ops.compiler_options.cache_clear()
-  assert ops.compiler_options() == ops.CPU_COMPILER_OPTIONS
+    runtime.compiler_options.cache_clear()
+  assert runtime.compiler_options() == runtime.CPU_COMPILER_OPTIONS
 
 
 # -- Phase 2: tiled PD, vmapped images -----------------------------------------------------
@@ -180,10 +182,10 @@ def test_ops_jit_compiler_options(monkeypatch):
 @pytest.fixture(scope="module")
 def pd_setup():
   cfg = _smoke()
-  model = train_pd.make_model(cfg, C)
+  model = phase1.make_model(cfg, C)
   params = _perturb(jax.jit(lambda k: model.init(k, jnp.zeros((1, 16, 16, C)), jnp.ones((1,))))(
       _key(0)), 1)
-  return cfg, model, params, train_pd.make_schedule(cfg)
+  return cfg, model, params, sch.from_config(cfg)
 
 
 def _lr_images(n):
@@ -200,11 +202,11 @@ def test_phase2_tiled_pd_matches_whole(pd_setup):
   for tile in (0, 8):
     cfg_t = _smoke()
     cfg_t.sample.pd_tile, cfg_t.sample.pd_tile_batch = tile, 3
-    p2 = sampler.Phase2(cfg_t, model, params, sched, lr.shape, SCALE)
+    p2 = phase2.Phase2(cfg_t, model, params, sched, lr.shape, SCALE)
     state = jax.jit(p2.init)(lr, _key(2))
     xi = jax.random.normal(_key(3), state.x.shape)
     t, s = int(p2.ts[0]), int(p2.ts[1])
-    f = jax.jit(jax.value_and_grad(lambda p: p2._forward(p, state.x, state.x0, t, s, xi, lr)[0]))
+    f = jax.jit(jax.value_and_grad(lambda p: p2.forward(p, state.x, state.x0, t, s, xi, lr)[0]))
     out.append(f(state.params))
   (whole, g_whole), (tiled, g_tiled) = out
   np.testing.assert_allclose(float(tiled), float(whole), rtol=1e-5)
@@ -217,7 +219,7 @@ def batched_run(pd_setup):
   """Two images through the batched chunk (two calls) and one by one (same seeds)."""
   cfg, model, params, sched = pd_setup
   lr = _lr_images(2)
-  p2 = sampler.Phase2(cfg, model, params, sched, lr.shape[1:], SCALE)
+  p2 = phase2.Phase2(cfg, model, params, sched, lr.shape[1:], SCALE)
   # Threefry keys: with ``rbg`` keys, draws under vmap differ from the same draws alone.
   init_keys = jax.random.split(jax.random.key(10), 2)
   rngs = jax.random.split(jax.random.key(20), 2)
@@ -261,9 +263,9 @@ def test_phase2_batched_traces_once(batched_run):
 
 
 def test_sample_keys():
-  init, noise = pipeline.sample_keys(7, 1)
+  init, noise = phase2.sample_keys(7, 1)
   assert jnp.all(init == jax.random.key(8)) and jnp.all(noise == jax.random.key(9))
-  init3, noise3 = pipeline.sample_keys(7, 3)
+  init3, noise3 = phase2.sample_keys(7, 3)
   assert init3.shape == noise3.shape == (3,)
   assert jnp.all(init3[0] == init) and jnp.all(noise3[0] == noise)  # sample 0 = the single run
   assert jnp.all(init3[2] == jax.random.fold_in(init, 2))
@@ -280,15 +282,15 @@ def test_phase2_samples_are_averaged(pd_setup, vmap, tmp_path):
   cfg = cfg.copy_and_resolve_references()  # the module's cfg is changed by batched_run
   cfg.sample.iters_per_chunk = 1000  # (the largest divisor of the iterations: one chunk)
   lr = _lr_images(1)[0]
-  p2 = sampler.Phase2(cfg, model, params, sched, lr.shape, SCALE)
+  p2 = phase2.Phase2(cfg, model, params, sched, lr.shape, SCALE)
   chunk = p2.make_chunk(p2.total_iterations)
-  init_keys, rngs = pipeline.sample_keys(int(cfg.seed), 2)
+  init_keys, rngs = phase2.sample_keys(int(cfg.seed), 2)
   singles = []
   for j in range(2):
     state, _ = chunk(jax.jit(p2.init)(lr, init_keys[j]), lr, rngs[j])
     singles.append([np.asarray(a, np.float64) for a in p2.result(state)])
   cfg.sample.num_samples, cfg.sample.vmap_samples = 2, vmap
-  run = lambda: pipeline.run_phase2(cfg, model, params, np.asarray(lr), SCALE,
+  run = lambda: phase2.run(cfg, model, params, np.asarray(lr), SCALE,
                                     workdir=str(tmp_path), show_progress=False)
   hr, k, info = run()
   (hr0, k0), (hr1, k1) = singles
@@ -336,12 +338,12 @@ def test_bf16_networks_follow_float32(pd_setup):
   BatchNorm divides by small bf16 variances)."""
   cfg32, pd32, params, _ = pd_setup
   cfg16 = _bf16(cfg32)
-  pd16 = train_pd.make_model(cfg16, C)
+  pd16 = phase1.make_model(cfg16, C)
   rng = np.random.default_rng(7)
   x = jnp.asarray(rng.uniform(-1, 1, (2, 34, 34, C)), jnp.float32)
   t = jnp.asarray([5, 17])
   nets = [(pd32, pd16, params, lambda m, p: m.apply(p, x, t))]
-  un32, un16 = sampler.make_unet(cfg32, C), sampler.make_unet(cfg16, C)
+  un32, un16 = phase2.make_unet(cfg32, C), phase2.make_unet(cfg16, C)
   up = _perturb(jax.jit(un32.init)(_key(4), jnp.zeros((1, 16, 16, C))), 5, 0.05)
   assert jax.tree.structure(jax.eval_shape(un16.init, _key(4), jnp.zeros((1, 16, 16, C)))) == \
       jax.tree.structure(up)
@@ -365,21 +367,21 @@ def test_bf16_phases_run_and_checkpoints_are_kept_apart(tmp_path):
   cfg32 = config_lib.preset("smoke")
   cfg16 = _bf16(cfg32)
   lr = np.asarray(_lr_images(1)[0])
-  model, params, info = pipeline.train_phase1(cfg16, lr, str(tmp_path / "pd"), show_progress=False)
+  model, params, info = phase1.train(cfg16, lr, str(tmp_path / "pd"), show_progress=False)
   assert info["final_loss"] is not None and np.isfinite(info["final_loss"])
   assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(params))
-  hr, k, info2 = pipeline.run_phase2(cfg16, model, params, lr, SCALE, show_progress=False)
+  hr, k, info2 = phase2.run(cfg16, model, params, lr, SCALE, show_progress=False)
   assert hr.shape == (LR_SIDE * SCALE, LR_SIDE * SCALE, C) and np.all(np.isfinite(hr))
   assert k.min() >= 0 and abs(float(k.sum()) - 1) < 1e-5 and np.isfinite(info2["final_loss"])
   legacy = cfg32.to_dict()
   legacy.pop("precision")
   import ml_collections
   legacy = ml_collections.ConfigDict(legacy)
-  assert pipeline.pd_fingerprint(cfg32, lr) == pipeline.pd_fingerprint(legacy, lr)
-  assert pipeline.pd_fingerprint(cfg16, lr) != pipeline.pd_fingerprint(cfg32, lr)
+  assert phase1.fingerprint(cfg32, lr) == phase1.fingerprint(legacy, lr)
+  assert phase1.fingerprint(cfg16, lr) != phase1.fingerprint(cfg32, lr)
   # The float32 run in the same workdir does not restore the bf16 PD.
   with pytest.raises(KfjaxError, match="another image or config"):
-    pipeline.train_phase1(cfg32, lr, str(tmp_path / "pd"), show_progress=False)
+    phase1.train(cfg32, lr, str(tmp_path / "pd"), show_progress=False)
 
 
 # -- the PyTorch reference ---------------------------------------------------------------
@@ -398,7 +400,7 @@ def test_torch_reference_matches_kfjax(pd_setup):
   np.testing.assert_allclose(nhwc(tpd(nchw(x), torch.as_tensor(t))),
                              np.asarray(model.apply(params, x, t)), rtol=0, atol=2e-5)
   # U-Net on a size that needs padding (levels = 2: multiples of 2).
-  unet = sampler.make_unet(cfg, C)
+  unet = phase2.make_unet(cfg, C)
   xu = rng.uniform(-1, 1, (1, 13, 10, C)).astype(np.float32)
   uparams = _perturb(jax.jit(unet.init)(_key(4), xu), 2)
   tun = torch_ref.load_unet(torch_ref.unet_from_config(cfg, C), uparams)
@@ -427,17 +429,17 @@ def test_torch_reference_matches_kfjax(pd_setup):
   noise = rng.normal(size=batch.shape).astype(np.float32)
   step = torch_ref.Phase1Step(tpd, sched, batch[0], 2, 16, channels_last=False)
   got = step.loss(nchw(batch), torch.as_tensor(t), nchw(noise)).item()
-  ref = float(train_pd.loss_fn(model, sched, params, batch, jnp.asarray(t), noise))
+  ref = float(phase1.loss_fn(model, sched, params, batch, jnp.asarray(t), noise))
   np.testing.assert_allclose(got, ref, rtol=1e-5)
   # The Phase 2 iteration: loss and outputs of the forward.
   lr = _lr_images(1)[0]
-  p2 = sampler.Phase2(cfg, model, params, sched, lr.shape, SCALE)
+  p2 = phase2.Phase2(cfg, model, params, sched, lr.shape, SCALE)
   state = jax.jit(p2.init)(lr, _key(6))
   p2_params = _perturb(state.params, 3, 0.01)
   xi = np.asarray(jax.random.normal(_key(7), state.x.shape))
   ts, ss = int(p2.ts[0]), int(p2.ts[1])
-  loss, (x_s, b, *_) = jax.jit(lambda p: p2._forward(p, state.x, state.x0, ts, ss, xi, lr))(p2_params)
-  ksize = sampler.kernel_size(cfg, SCALE)
+  loss, (x_s, b, *_) = jax.jit(lambda p: p2.forward(p, state.x, state.x0, ts, ss, xi, lr))(p2_params)
+  ksize = phase2.kernel_size(cfg, SCALE)
   it = torch_ref.Phase2Iteration(
       torch_ref.load_unet(torch_ref.unet_from_config(cfg, C), p2_params["unet"]),
       torch_ref.load_kernel(torch_ref.kernel_from_config(cfg, ksize, SCALE), p2_params["kernel"]),

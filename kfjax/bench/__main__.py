@@ -89,8 +89,8 @@ def main(argv):
     reason = [ln.strip() for ln in str(e).splitlines() if ln.strip()][-1]
     _fail(f"cannot load --config: {reason}")
   if _COMPILE_CACHE.value is not None:
-    from kfjax import ops
-    ops.use_compile_cache(ops.compile_cache_dir(_COMPILE_CACHE.value))
+    from kfjax import runtime
+    runtime.use_compile_cache(runtime.compile_cache_dir(_COMPILE_CACHE.value))
   workdir = _WORKDIR.value or f"bench_out/{_SUITE.value}"
   print(f"kfjax.bench: suite '{_SUITE.value}' ({len(specs)} cases) x "
         f"{','.join(_METHODS.value)} with preset '{cfg.name}' into {workdir}", flush=True)

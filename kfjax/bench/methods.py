@@ -29,11 +29,13 @@ import ml_collections
 import numpy as np
 
 from kfjax import checkpoint as ckpt
+from kfjax import config as config_lib
 from kfjax import io as kio
+from kfjax import phase1 as phase1_lib
+from kfjax import phase2 as phase2_lib
 from kfjax import pipeline
 from kfjax import resize
 from kfjax import restore
-from kfjax import sampler
 from kfjax.errors import KfjaxError
 from kfjax.models import kernel_net
 
@@ -89,10 +91,10 @@ def trained_pd(case, cfg, case_dir):
   """``(pd_model, pd_params, seconds)``: Phase 1 on ``case.lr``, shared by the case's
   methods (restored when a previous method trained it with the same fields)."""
   lr_m = case.lr * 2.0 - 1.0
-  fp = pipeline.pd_fingerprint(cfg, lr_m)
+  fp = phase1_lib.fingerprint(cfg, lr_m)
   d = os.path.join(case_dir, f"pd-{fp[:12]}")
   t0 = time.time()
-  model, params, info = pipeline.train_phase1(cfg, lr_m, d, show_progress=False)
+  model, params, info = phase1_lib.train(cfg, lr_m, d, show_progress=False)
   seconds = time.time() - t0
   record = os.path.join(d, "train_seconds.json")
   if info["restored_step"] is not None and info["restored_step"] >= info["steps"]:
@@ -107,7 +109,7 @@ def phase2(case, cfg, pd, fixed_kernel=None):
   """Phase 2 on ``case.lr`` with trained ``pd = (model, params)``; returns
   ``(sr in [0, 1], kernel, seconds)``."""
   t0 = time.time()
-  hr, k, _ = pipeline.run_phase2(cfg, pd[0], pd[1], case.lr * 2.0 - 1.0, case.spec.scale,
+  hr, k, _ = phase2_lib.run(cfg, pd[0], pd[1], case.lr * 2.0 - 1.0, case.spec.scale,
                                  fixed_kernel=fixed_kernel, show_progress=False)
   sr = np.clip((hr + 1.0) / 2.0, 0.0, 1.0)
   return sr, kernel_net.export_kernel(k), time.time() - t0
@@ -142,7 +144,7 @@ def blind_result(case, cfg, case_dir):
   versa) instead of repeating it; its seconds are the original run's.
 
   The folder holds the run's outputs (``sr.npy``, ``kernel.npy``) and Phase 2's own
-  (``sr_phase2.npy``, ``kernel_phase2.npy``: before ``pipeline.finish_phase2``), which
+  (``sr_phase2.npy``, ``kernel_phase2.npy``: before ``phase2.finish_output``), which
   ``kfjax.bench.postprocess`` re-finishes under other settings."""
   d = os.path.join(case_dir, f"kf-{fingerprint_of(cfg)}")
   names = ("sr.npy", "kernel.npy", "sr_phase2.npy", "kernel_phase2.npy", "info.json")
@@ -153,12 +155,12 @@ def blind_result(case, cfg, case_dir):
                   seconds=info["seconds"], info=info["info"])
   model, params, t1 = trained_pd(case, cfg, case_dir)
   t0 = time.time()
-  # What run_phase2 does by default, split at finish_phase2 so that both halves are kept
+  # What phase2.run does by default, split at finish_output so that both halves are kept
   # (the finishing sees Phase 2's unclipped image, as in the command line).
   lr, s = case.lr * 2.0 - 1.0, case.spec.scale
-  hr_p2, k_p2, _ = pipeline.run_phase2(cfg, model, params, lr, s, show_progress=False,
+  hr_p2, k_p2, _ = phase2_lib.run(cfg, model, params, lr, s, show_progress=False,
                                        finish=False)
-  hr, k, _ = pipeline.finish_phase2(cfg, lr, hr_p2, k_p2, s, blind=True)
+  hr, k, _ = phase2_lib.finish_output(cfg, lr, hr_p2, k_p2, s, blind=True)
   t2 = time.time() - t0
   to_sr = lambda x: np.clip((np.asarray(x) + 1.0) / 2.0, 0.0, 1.0)
   sr_p2, k_p2 = to_sr(hr_p2), kernel_net.export_kernel(k_p2)
@@ -217,7 +219,7 @@ def nonblind(case, cfg, workdir):
   if case.kernel is None:
     raise NotApplicable("no true kernel for a non-linear degradation")
   cfg = _prepare(case, cfg)
-  k_size = sampler.kernel_size(cfg, case.spec.scale)
+  k_size = phase2_lib.kernel_size(cfg, case.spec.scale)
   if case.kernel.shape[0] != k_size:
     raise NotApplicable(f"true kernel is {case.kernel.shape[0]}px, config kernel {k_size}px")
   model, params, t1 = trained_pd(case, cfg, _case_dir(workdir))
@@ -240,12 +242,12 @@ def register_variant(name, overrides, doc=None):
 def fingerprint_of(cfg):
   """Short fingerprint of a config, recorded per row so changed settings are visible.
 
-  ``precision`` enters as the checkpoints' :func:`pipeline.precision_part` (nothing at its
+  ``precision`` enters as the checkpoints' :func:`kfjax.config.precision_part` (nothing at its
   float32 default), so rows written before the field existed keep their fingerprint."""
   d = cfg.to_dict()
   d.pop("precision", None)
   return ckpt.fingerprint(ml_collections.ConfigDict(d).to_json_best_effort(sort_keys=True),
-                          *pipeline.precision_part(cfg))[:12]
+                          *config_lib.precision_part(cfg))[:12]
 
 
 # -- issue 5: KernelFusion's ablations and KernelGAN (added by the ablations work) ----------

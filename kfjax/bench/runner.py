@@ -24,7 +24,6 @@ import os
 import time
 import traceback
 
-import jax
 import numpy as np
 import tqdm
 

@@ -12,7 +12,7 @@ What is measured (``--what``, comma-separated):
   measured in the same run (a large float32 ``jnp.dot``).
 * ``phase2``: one inner iteration of Phase 2 (U-Net twice, posterior step, PD, kernel
   INR, losses, forward + backward + Adam) at HR size ``--hr_size``, compiled as the real
-  sampler compiles it (one reverse step of ``--iters`` iterations), and the whole reverse
+  Phase 2 compiles it (one reverse step of ``--iters`` iterations), and the whole reverse
   process of one image (``n_iter_first + (num_steps-1)·n_iter`` iterations; estimated from
   the per-iteration time, measured with ``--full_reverse``); memory of the compiled program;
   achieved FLOP/s and fraction of the matmul peak, for kfjax and the PyTorch reference, and
@@ -23,7 +23,7 @@ What is measured (``--what``, comma-separated):
 * ``batch``: images/hour against the number of same-size images vmapped through Phase 2
   together (``--images``), ``Phase2.make_chunk(iterations, batch=N)``.
 * ``parts``: where a Phase 2 iteration's time goes, each part alone at ``--hr_size``
-  (inside a compiled loop, as in the sampler): the U-Net forward, forward + input gradient,
+  (inside a compiled loop, as in Phase 2): the U-Net forward, forward + input gradient,
   forward + all gradients; PD forward and forward + input gradient; the degradation with
   both gradients. FLOPs, FLOP/s and % of peak per part, and the PyTorch reference's time.
 
@@ -59,8 +59,10 @@ import numpy as np
 from kfjax import config as config_lib
 from kfjax import degrade
 from kfjax import ops
-from kfjax import sampler
-from kfjax import train_pd
+from kfjax import runtime
+from kfjax import phase2
+from kfjax import schedule as sch
+from kfjax import phase1
 from kfjax.models import kernel_net
 from kfjax.models import pd as pd_lib
 
@@ -148,7 +150,7 @@ def xla_flops(compiled):
 def matmul_peak(size, repeats=5):
   """Measured float32 matmul FLOP/s: the best of ``repeats`` ``size²`` products."""
   a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), jnp.float32)
-  f = ops.jit(lambda x: x @ x)
+  f = runtime.jit(lambda x: x @ x)
   f(a).block_until_ready()
   best = min(median_time(lambda: f(a).block_until_ready(), 1) for _ in range(repeats))
   return 2.0 * size ** 3 / best
@@ -201,7 +203,7 @@ def downscale_flops(cfg, hr_size, channels=CHANNELS):
   """Forward FLOPs of one ``(x*k)↓s`` of an ``hr_size``² image (one filter per channel)."""
   scale = int(cfg.scale)
   out = -(-hr_size // scale)
-  return conv_flops(out, out, sampler.kernel_size(cfg, scale), 1, 1) * channels
+  return conv_flops(out, out, phase2.kernel_size(cfg, scale), 1, 1) * channels
 
 
 def phase2_flops(cfg, hr_size, channels=CHANNELS):
@@ -244,11 +246,11 @@ def bench_phase1_jax(cfg, steps, repeats, peak):
   """Seconds per PD step inside the compiled ``steps``-step chunk, and FLOP counts."""
   crop, batch = int(cfg.train.crop_size), int(cfg.train.batch_size)
   image = _image(max(2 * crop, 64))
-  model = train_pd.make_model(cfg, CHANNELS)
-  sched = train_pd.make_schedule(cfg)
-  tx = train_pd.make_optimizer(cfg)
-  state = ops.jit(lambda k: train_pd.init_state(cfg, model, tx, image.shape, k))(jax.random.key(0))
-  chunk, compile_s = compile_timed(train_pd.make_train_chunk(cfg, model, sched, tx, image, steps),
+  model = phase1.make_model(cfg, CHANNELS)
+  sched = sch.from_config(cfg)
+  tx = phase1.make_optimizer(cfg)
+  state = runtime.jit(lambda k: phase1.init_state(cfg, model, tx, image.shape, k))(jax.random.key(0))
+  chunk, compile_s = compile_timed(phase1.make_train_chunk(cfg, model, sched, tx, image, steps),
                                    state)
   holder = {"state": chunk(state)[0]}
   jax.block_until_ready(holder["state"])
@@ -262,7 +264,7 @@ def bench_phase1_jax(cfg, steps, repeats, peak):
   size = crop + 2 * pd_lib.HALO
   x = jnp.zeros((batch, size, size, CHANNELS))
   t = jnp.ones((batch,), jnp.int32)
-  grad = ops.jit(jax.grad(lambda p: train_pd.loss_fn(model, sched, p, x, t, x)))
+  grad = runtime.jit(jax.grad(lambda p: phase1.loss_fn(model, sched, p, x, t, x)))
   xla = xla_flops(grad.lower(state.params).compile())
   return dict(batch=batch, crop=crop, compile_s=compile_s, step_s=per_step, steps_per_s=1 / per_step,
               flops_per_step=flops, xla_flops_per_step=xla, flop_s=flops / per_step,
@@ -303,7 +305,7 @@ def bench_phase1_torch(cfg, steps, repeats):
   crop, batch = int(cfg.train.crop_size), int(cfg.train.batch_size)
   torch.manual_seed(0)
   model = torch_ref.pd_from_config(cfg, CHANNELS).to(memory_format=torch.channels_last)
-  step = torch_ref.Phase1Step(model, train_pd.make_schedule(cfg), _image(max(2 * crop, 64)), batch,
+  step = torch_ref.Phase1Step(model, sch.from_config(cfg), _image(max(2 * crop, 64)), batch,
                               crop, cfg.train.lr, cfg.train.lr_end, cfg.train.steps)
   return dict(step_s=_torch_seconds_per_call(step, steps, repeats))
 
@@ -340,24 +342,24 @@ def reverse_iterations(preset):
 
 def _init_pd(model):
   """Freshly initialised PD parameters (the benchmarks time PD, not its training)."""
-  return ops.jit(lambda k: model.init(k, jnp.zeros((1, 16, 16, CHANNELS)), jnp.ones((1,))))(
+  return runtime.jit(lambda k: model.init(k, jnp.zeros((1, 16, 16, CHANNELS)), jnp.ones((1,))))(
       jax.random.key(1))
 
 
 def _phase2_setup(cfg, hr_size, images=None):
   scale = int(cfg.scale)
   lr_side = hr_size // scale
-  model = train_pd.make_model(cfg, CHANNELS)
-  sched = train_pd.make_schedule(cfg)
+  model = phase1.make_model(cfg, CHANNELS)
+  sched = sch.from_config(cfg)
   pd_params = _init_pd(model)
-  p2 = sampler.Phase2(cfg, model, pd_params, sched, (lr_side, lr_side, CHANNELS), scale)
+  p2 = phase2.Phase2(cfg, model, pd_params, sched, (lr_side, lr_side, CHANNELS), scale)
   if images is None:
     lr = jnp.asarray(_image(lr_side, 2))
-    state = ops.jit(p2.init)(lr, jax.random.key(3))
+    state = runtime.jit(p2.init)(lr, jax.random.key(3))
     rng = jax.random.key(4)
   else:
     lr = jnp.asarray(np.stack([_image(lr_side, 2 + i) for i in range(images)]))
-    state = ops.jit(p2.init_batch)(lr, jax.random.split(jax.random.key(3), images))
+    state = runtime.jit(p2.init_batch)(lr, jax.random.split(jax.random.key(3), images))
     rng = jax.random.split(jax.random.key(4), images)
   return p2, state, lr, rng
 
@@ -384,8 +386,8 @@ def _phase2_xla_flops(p2, state, lr):
   """XLA's FLOP count of one iteration's loss and gradients (outside the loops, whose
   bodies XLA's cost analysis would count once regardless of the trip count)."""
   t, s = p2.ts[0], p2.ts[1]
-  grad = ops.jit(jax.value_and_grad(
-      lambda p: p2._forward(p, state.x, state.x0, t, s, jnp.zeros_like(state.x), lr), has_aux=True))
+  grad = runtime.jit(jax.value_and_grad(
+      lambda p: p2.forward(p, state.x, state.x0, t, s, jnp.zeros_like(state.x), lr), has_aux=True))
   return xla_flops(grad.lower(state.params).compile())
 
 
@@ -434,13 +436,13 @@ def bench_phase2_torch(cfg, hr_size, iters, repeats):
   # The kernel net starts where kfjax's does (e.g. the linear CNN's box), not at torch's
   # default initialisation.
   kernel = torch_ref.load_kernel(
-      torch_ref.kernel_from_config(cfg, sampler.kernel_size(cfg, scale), scale),
-      kernel_net.initial_params(sampler.make_kernel_net(cfg, scale), cfg.kernel, scale,
+      torch_ref.kernel_from_config(cfg, phase2.kernel_size(cfg, scale), scale),
+      kernel_net.initial_params(phase2.make_kernel_net(cfg, scale), cfg.kernel, scale,
                                 jax.random.key(2)))
   rng = np.random.default_rng(0)
   shape = (1, CHANNELS, hr_size, hr_size)
-  ts = sampler.timesteps(cfg)
-  it = torch_ref.Phase2Iteration(unet, kernel, pd, train_pd.make_schedule(cfg),
+  ts = phase2.timesteps(cfg)
+  it = torch_ref.Phase2Iteration(unet, kernel, pd, sch.from_config(cfg),
                                  rng.uniform(-1, 1, shape), rng.uniform(-1, 1, shape),
                                  rng.normal(size=shape), rng.uniform(-1, 1, (1, CHANNELS, lr_side, lr_side)),
                                  ts[0], ts[1], scale, float(cfg.sample.com_weight))
@@ -454,12 +456,12 @@ PARTS = ("unet_fwd", "unet_grad_x", "unet_grad_all", "pd_fwd", "pd_grad_x", "dow
 
 def _parts_setup(cfg, hr_size):
   scale = int(cfg.scale)
-  ksize = sampler.kernel_size(cfg, scale)
-  unet = sampler.make_unet(cfg, CHANNELS)
-  model = train_pd.make_model(cfg, CHANNELS)
+  ksize = phase2.kernel_size(cfg, scale)
+  unet = phase2.make_unet(cfg, CHANNELS)
+  model = phase1.make_model(cfg, CHANNELS)
   x = jnp.asarray(_image(hr_size, 5))
   lr = jnp.asarray(_image(-(-hr_size // scale), 6))
-  unet_params = ops.jit(unet.init)(jax.random.key(0), x[None])
+  unet_params = runtime.jit(unet.init)(jax.random.key(0), x[None])
   pd_params = _init_pd(model)
   kernel = jnp.full((ksize, ksize), 1.0 / ksize ** 2)
   unet_f, _ = unet_flops(cfg, hr_size, hr_size)
@@ -495,7 +497,7 @@ def bench_parts_jax(cfg, hr_size, iters, repeats, peak):
   rows = {}
   for name, f in _parts_jax(st).items():
     # Each call depends on the previous one, so XLA cannot hoist it out of the loop.
-    loop = ops.jit(lambda x, f=f: jax.lax.scan(
+    loop = runtime.jit(lambda x, f=f: jax.lax.scan(
         lambda c, _: (c + 1e-12 * f(x + 1e-12 * c), None), jnp.zeros(()), length=iters)[0])
     loop(st["x"]).block_until_ready()
     sec = median_time(lambda: loop(st["x"]).block_until_ready(), repeats) / iters

@@ -354,6 +354,26 @@ class LinearCNNKernel(nn.Module):
     return k / jnp.sum(k)
 
 
+def checks(kcfg, size, scale):
+  """``(ok, message)`` pairs for ``cfg.kernel``'s network fields, for a ``size``-px kernel
+  at ×``scale`` (``pipeline.validate_config``)."""
+  sizes = tuple(kcfg.cnn_sizes) or linear_cnn_sizes(int(scale), size)
+  return [
+      (kcfg.size >= 0, "kernel.size must be >= 0 (0: 6 x scale)"),
+      (kcfg.net in KERNEL_NETS,
+       f"kernel.net must be one of {', '.join(KERNEL_NETS)}, got {kcfg.net!r}"),
+      (kcfg.net != "linear_cnn" or cnn_field(sizes) <= size,
+       f"kernel.cnn_sizes {list(sizes)} see {cnn_field(sizes)} px, more than the "
+       f"{size}-px kernel (raise kernel.size)"),
+      (kcfg.cnn_channels >= 1 and all(int(x) >= 1 for x in sizes),
+       "kernel.cnn_sizes and kernel.cnn_channels must be >= 1"),
+      (kcfg.init in ("default", "gaussian"),
+       f"kernel.init must be default or gaussian, got {kcfg.init!r}"),
+      (kcfg.init_sigma > 0 and kcfg.init_steps >= 1,
+       "kernel.init_sigma must be > 0 and init_steps >= 1"),
+  ]
+
+
 def make(kcfg, size, scale):
   """The kernel network named by ``kcfg.net`` (``cfg.kernel``) for a K×K kernel at ×s.
 

@@ -42,7 +42,7 @@ class PatchDiffusion(nn.Module):
   @nn.compact
   def __call__(self, x, t):
     # ``ops.Conv``: gradients as forward convolutions (XLA:CPU's own convolutions under
-    # ``ops.jit``; the grouped-product weight gradient, ``weight_grad="dots"``, is slower
+    # ``runtime.jit``; the grouped-product weight gradient, ``weight_grad="dots"``, is slower
     # there: BENCHMARKS.md, "XLA:CPU implementation notes").
     conv = lambda f, k, name: ops.Conv(f, (k, k), padding="VALID", dtype=self.dtype, name=name)
     emb = timestep_embedding(t, self.emb_dim)

@@ -1,4 +1,7 @@
-"""Phase 1: train the patch-diffusion model on random crops of the single LR image.
+"""Phase 1: train the patch-diffusion model (PD) on random crops of the single LR image.
+
+:func:`train` is the phase: it builds PD, restores it from a checkpoint or trains it
+(host loop :func:`kfjax.loop.run_chunks`), and returns the trained parameters.
 
 Everything per step runs on device: crop positions, timesteps and noise are drawn
 from the state's PRNG key, crops are cut with ``dynamic_slice`` vmapped over the batch,
@@ -11,10 +14,16 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import tqdm
 
-from kfjax import ops
+from kfjax import checkpoint as ckpt
+from kfjax import config as config_lib
+from kfjax import loop
+from kfjax import runtime
 from kfjax import schedule as sch
+from kfjax.errors import KfjaxError
 from kfjax.models import pd as pd_lib
 
 
@@ -25,20 +34,24 @@ class PDState(NamedTuple):
   rng: jnp.ndarray
 
 
-def compute_dtype(cfg):
-  """The networks' compute dtype from ``cfg.precision`` (``float32`` or ``bfloat16``)."""
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.precision]
+def checks(cfg):
+  """``(ok, message)`` pairs for the fields Phase 1 owns (``pipeline.validate_config``)."""
+  t = cfg.train
+  return [
+      (t.steps >= 0, "train.steps must be >= 0"),
+      (t.steps_per_chunk >= 1, "train.steps_per_chunk must be >= 1"),
+      (t.batch_size >= 1, "train.batch_size must be >= 1"),
+      (t.crop_size >= 1, "train.crop_size must be >= 1"),
+      (t.t_max == 0 or cfg.sample.t_start <= t.t_max <= cfg.diffusion.num_steps,
+       f"train.t_max must be 0 or in [sample.t_start={cfg.sample.t_start}, "
+       f"diffusion.num_steps={cfg.diffusion.num_steps}] (Phase 2 queries PD up to t_start)"),
+  ]
 
 
 def make_model(cfg, channels):
   return pd_lib.PatchDiffusion(channels=cfg.pd.channels, out_channels=channels,
                                num_blocks=cfg.pd.num_blocks, emb_dim=cfg.pd.emb_dim,
-                               dtype=compute_dtype(cfg))
-
-
-def make_schedule(cfg):
-  return sch.linear_schedule(cfg.diffusion.num_steps, cfg.diffusion.beta_start,
-                             cfg.diffusion.beta_end)
+                               dtype=config_lib.compute_dtype(cfg))
 
 
 def make_optimizer(cfg):
@@ -109,8 +122,68 @@ def make_train_chunk(cfg, model, sched, tx, image, steps):
     params = optax.apply_updates(state.params, updates)
     return PDState(state.step + 1, params, opt_state, state.rng), loss
 
-  @ops.jit
+  @runtime.jit
   def chunk(state):
     return jax.lax.scan(one_step, state, length=steps)
 
   return chunk
+
+
+def fingerprint(cfg, lr_image):
+  """Identifies a trained PD: the image and every field that shapes its training."""
+  return ckpt.fingerprint(np.asarray(lr_image), cfg.pd.to_dict(), cfg.train.to_dict(),
+                          cfg.diffusion.to_dict(), cfg.seed, *config_lib.precision_part(cfg))
+
+
+def train(cfg, lr_image, workdir=None, show_progress=True):
+  """Train PD on ``lr_image`` (h, w, C in [−1, 1]) or restore it from ``workdir``.
+
+  Returns ``(model, params, info)`` where ``info`` says what happened.
+  """
+  model = make_model(cfg, lr_image.shape[-1])
+  sched = sch.from_config(cfg)
+  tx = make_optimizer(cfg)
+  # Jitted: eager parameter initialisation costs seconds per layer on CPU.
+  state = runtime.jit(lambda k: init_state(cfg, model, tx, lr_image.shape, k))(
+      jax.random.key(cfg.seed))
+  total = int(cfg.train.steps)
+  fp = fingerprint(cfg, lr_image)
+  saver = ckpt.PhaseCheckpoint(workdir, "pd", fp) if workdir else None
+  info = {"steps": total, "restored_step": None, "final_loss": None}
+  if saver is not None:
+    stored = saver.stored_fingerprint()
+    if stored is not None and stored != fp:
+      raise KfjaxError(
+          f"{workdir} holds a patch-diffusion model trained on another image or config; "
+          "use another --workdir (or delete its checkpoints/ folder)")
+    step = saver.latest_step()
+    if step is not None:
+      state = saver.restore(step, state)
+      info["restored_step"] = int(step)
+      if show_progress:  # (quiet for library callers such as the benchmark)
+        loop.log(f"restored patch diffusion from {saver.path} at step {step}/{total}")
+  done = int(state.step)
+  if done >= total:
+    return model, state.params, info
+
+  chunk_len = loop.chunk_size(total, int(cfg.train.steps_per_chunk))
+  chunk = make_train_chunk(cfg, model, sched, tx, lr_image, chunk_len)
+  every = max(int(cfg.train.checkpoint_every), chunk_len)
+  bar = tqdm.tqdm(total=total, initial=done, desc="phase 1 (patch diffusion)", unit="step",
+                  disable=not show_progress, dynamic_ncols=True)
+  last = {}
+
+  def report(losses, at):
+    last["loss"] = loop.finite(losses, "phase 1 loss", f"step {at}")
+    return {"loss": f"{last['loss']:.4f}"}
+
+  def after(state, at):
+    if saver is not None and (at % every < chunk_len or at >= total):
+      saver.save(at, state)
+  state, _ = loop.run_chunks(chunk, state, done=done, total=total, length=chunk_len, bar=bar,
+                             report=report, after=after, lag=True)
+  bar.close()
+  if saver is not None:
+    saver.wait()
+  info["final_loss"] = last["loss"]
+  return model, state.params, info
