@@ -170,13 +170,18 @@ def preset_path(name):
 
 def expand_preset_names(argv):
   """Command-line args with ``--config cpu`` / ``--config=paper`` turned into the preset's
-  file, so ``config_flags`` can load a bare preset name."""
+  file, so ``config_flags`` can load a bare preset name, and ``--config`` set to the
+  ``default`` preset where it is not given (see :func:`define_config_flag`)."""
   out = list(argv)
+  given = False
   for i, arg in enumerate(out):
     if arg.startswith("--config=") and arg[9:] in PRESETS:
       out[i] = "--config=" + preset_path(arg[9:])
     elif arg == "--config" and i + 1 < len(out) and out[i + 1] in PRESETS:
       out[i + 1] = preset_path(out[i + 1])
+    given = given or arg == "--config" or arg.startswith("--config=")
+  if not given:
+    out.insert(1, "--config=" + preset_path("default"))
   return out
 
 
@@ -203,5 +208,7 @@ def define_config_flag(help_text):
   ``default`` preset (``paper`` on an accelerator, else ``cpu``); any field overridable as
   ``--config.<field>=<value>`` (see :func:`parse_flags`)."""
   from ml_collections import config_flags  # noqa: PLC0415 (only command lines need it)
-  return config_flags.DEFINE_config_file("config", preset_path("default"), help_text,
-                                         lock_config=False)
+  # No default file here: a default is loaded when the flag is defined, i.e. at import,
+  # and the default preset asks JAX for its backend, which must wait until
+  # jax.distributed has started. parse_flags adds --config=<default> when it is missing.
+  return config_flags.DEFINE_config_file("config", None, help_text, lock_config=False)

@@ -6,9 +6,31 @@ progress bar and maybe writes a checkpoint. Only the chunk and those three callb
 differ, so the loop itself lives here once.
 """
 
+import threading
+
 import numpy as np
 
 from kfjax import ops
+
+_STOP = threading.Event()
+
+
+class Stopped(Exception):
+  """A stop was requested (SIGTERM): the phase checkpointed where it was and returned."""
+
+
+def request_stop(*_):
+  """Ask every running loop to stop after its current chunk (a signal handler)."""
+  _STOP.set()
+
+
+def clear_stop():
+  _STOP.clear()
+
+
+def raise_if_stopped():
+  if _STOP.is_set():
+    raise Stopped("stopped on request")
 
 
 def log(msg):
@@ -27,7 +49,9 @@ def run_chunks(chunk, state, *, done, total, length, bar, report, after=None, la
   per call); returns ``(state, out of the last call)`` (``out`` is None if nothing ran).
 
   ``report(out, done) -> dict`` turns a call's output into the bar's postfix (and raises
-  on a non-finite loss); ``after(state, done)`` runs after every call (checkpoints).
+  on a non-finite loss); ``after(state, done, stop)`` runs after every call (checkpoints;
+  ``stop`` True when a stop was requested, so it must save now): the loop then raises
+  :class:`Stopped`.
   With ``lag`` the output of call ``n`` is reported while call ``n + 1`` runs (reading it
   waits for the device, which would otherwise idle between chunks); the last one is
   reported after the loop.
@@ -42,8 +66,11 @@ def run_chunks(chunk, state, *, done, total, length, bar, report, after=None, la
       bar.set_postfix(**report(*pending), refresh=False)
     pending = (out, done)
     bar.update(length)
+    stop = _STOP.is_set()
     if after is not None:
-      after(state, done)
+      after(state, done, stop)
+    if stop:
+      raise Stopped(f"stopped on request after step {done} of {total}")
   if lag and pending is not None:
     bar.set_postfix(**report(*pending))
   return state, out

@@ -1,24 +1,44 @@
 """Command line: ``python -m kfjax.main --image x.png [--scale 4] [--config FILE] [--workdir DIR]
-[--method kernelfusion|kernelgan]``.
+[--method kernelfusion|kernelgan]``, or ``--images SPEC --workdir OUT`` for many images
+(a glob, a folder or ``@list.txt``; with ``--distributed`` over the processes of a
+``jax.distributed`` run).
 
-Parses flags and calls :func:`kfjax.pipeline.run`; everything else is a library.
+Parses flags and calls :func:`kfjax.pipeline.run` or :func:`kfjax.batch.run`; everything
+else is a library. SIGTERM stops a run after its current chunk, with a checkpoint, and
+exits with status 143; re-running the same command resumes.
 ``--config`` takes a preset file (``configs/paper.py``, ``configs/cpu.py``,
 ``configs/smoke.py``) or a bare preset name, and any field can be overridden with
 ``--config.<field>=<value>`` (e.g. ``--config.train.steps=500``).
 """
 
 import os
+import signal
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 
-from kfjax import runtime
 from kfjax import config as config_lib
+from kfjax import distributed as distributed_lib
+from kfjax import runtime
 from kfjax.errors import KfjaxError
 from kfjax.errors import fail as _fail
 
 _IMAGE = flags.DEFINE_string("image", None, "Low-resolution input image (PNG, JPEG or TIFF).")
+_IMAGES = flags.DEFINE_string(
+    "images", None, "Many images: a glob ('lr/*.png', '**' recurses), a folder, or @list.txt "
+    "(one path per line). Each goes to <workdir>/<name>/; finished ones are skipped; "
+    "<workdir>/report.csv lists every image. Needs --workdir.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", None, "Share --images over the processes of a multi-process run "
+    "(jax.distributed.initialize()). Default: on under SLURM srun with several tasks and on "
+    "multi-host Cloud TPU VMs, else off.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for --distributed where the "
+    "cluster is not auto-detected (with --num_processes and --process_id).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a --distributed run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a --distributed run.")
 _SCALE = flags.DEFINE_integer("scale", None, "Integer upscaling factor (>= 2); default: the preset's.",
                               lower_bound=2)
 _WORKDIR = flags.DEFINE_string("workdir", None,
@@ -39,14 +59,36 @@ _METHOD = flags.DEFINE_enum("method", "kernelfusion", ["kernelfusion", "kernelga
                             "the kernel, then KernelFusion's non-blind Phase 2 uses it.")
 
 
+def _init_distributed(coordinator, num_processes, process_id):
+  """:func:`kfjax.distributed.initialize`, errors as one line; ``(index, count)``."""
+  from kfjax import distributed  # noqa: PLC0415
+  given = [coordinator, num_processes, process_id]
+  if any(v is not None for v in given) and not all(v is not None for v in given):
+    _fail("--coordinator_address, --num_processes and --process_id go together")
+  try:
+    return distributed.initialize(coordinator, num_processes, process_id)
+  except (RuntimeError, ValueError) as e:
+    _fail(f"jax.distributed.initialize failed: {str(e).splitlines()[0] if str(e) else e}")
+
+
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not _IMAGE.value:
-    _fail("--image is required")
+  if not _IMAGE.value and not _IMAGES.value:
+    _fail("--image (one image) or --images (many) is required")
+  if _IMAGE.value and _IMAGES.value:
+    _fail("--image and --images exclude each other")
+  if _IMAGES.value and not _WORKDIR.value:
+    _fail("--images needs --workdir (the folder that gets one subfolder per image)")
+  distributed = _DISTRIBUTED.value
+  if distributed is None:
+    distributed = _COORDINATOR.value is not None or (bool(_IMAGES.value) and
+                                                     distributed_lib.auto_detected())
+  if distributed and not _IMAGES.value:
+    _fail("--distributed shares --images over processes; it needs --images")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   # Imported here so that --help and flag errors do not pay for importing JAX.
-  from kfjax import ops, pipeline
+  from kfjax import loop, ops, pipeline
   try:
     cfg = _CONFIG.value
     cfg.name  # a file that failed to load raises on first attribute access
@@ -55,20 +97,105 @@ def main(argv):
     _fail(f"cannot load --config: {reason}")
   if _SCALE.value is not None:
     cfg.scale = _SCALE.value
+  runtime.use_compile_cache(runtime.compile_cache_dir(_COMPILE_CACHE.value))
+  # SIGTERM (a scheduler's preemption notice): finish the chunk, checkpoint, exit 143.
+  signal.signal(signal.SIGTERM, loop.request_stop)
+  if _IMAGES.value:
+    _main_batch(cfg, distributed)
+    return
   stem = os.path.splitext(os.path.basename(_IMAGE.value))[0] or "image"
   workdir = _WORKDIR.value or os.path.join("kfjax_out", stem)
-  runtime.use_compile_cache(runtime.compile_cache_dir(_COMPILE_CACHE.value))
   try:
     ops.conv_backward()  # a bad KFJAX_CONV_BACKWARD fails before any work
+    pipeline.validate_config(cfg)
     pipeline.run(_IMAGE.value, cfg, workdir, kernel_path=_KERNEL.value,
                  show_progress=not _QUIET.value, method=_METHOD.value)
   except KfjaxError as e:
     _fail(str(e))
+  except loop.Stopped:
+    _stopped(workdir)
   except KeyboardInterrupt:
     _fail(f"interrupted; finished phases are checkpointed in {workdir} and resume on re-run")
 
 
+def _stopped(where):
+  print(f"kfjax: stopped by SIGTERM; checkpointed in {where}; the same command resumes",
+        file=sys.stderr)
+  sys.exit(143)
+
+
+def _main_batch(cfg, distributed):
+  from kfjax import batch, loop, ops, pipeline  # noqa: PLC0415
+  out = _WORKDIR.value
+  try:
+    pipeline.validate_config(cfg)
+    paths = batch.expand(_IMAGES.value)  # (a bad spec fails before distributed start-up)
+  except KfjaxError as e:
+    _fail(str(e))
+  if distributed and _PROCESS["count"] == 1:
+    import jax  # noqa: PLC0415
+    if jax.process_count() == 1:
+      _fail("--distributed: this is the only process (jax.distributed found no others)")
+  process, count = _PROCESS["index"], _PROCESS["count"]
+  try:
+    try:
+      ops.conv_backward()
+      rows, merged = batch.run(_IMAGES.value, cfg, out, kernel_path=_KERNEL.value,
+                               method=_METHOD.value, show_progress=not _QUIET.value,
+                               process=process, num_processes=count)
+    finally:  # (however this process ends, process 0 outlives the others)
+      distributed_lib.finish(process, count, log=loop.log)
+  except KfjaxError as e:
+    _fail(str(e))
+  except loop.Stopped:
+    _stopped(out)
+  except KeyboardInterrupt:
+    _fail(f"interrupted; finished images and checkpoints are in {out}; re-run to resume")
+  if process == 0 and count > 1:  # the others' final parts are in now
+    merged = batch.merge_report(out)
+  print(f"kfjax: {batch.summary_line(rows, merged, len(paths))}; "
+        f"{os.path.join(os.path.abspath(out), 'report.csv')}", flush=True)
+  failed = [r for r in rows if r["status"] == "failed"]
+  for r in failed:
+    print(f"kfjax: FAILED {r['name']} ({r['image']}): {r['error']}", file=sys.stderr)
+  if failed:
+    sys.exit(1)
+
+
+_PROCESS = {"index": 0, "count": 1}
+
+
+def _early_flags(argv):
+  """The distributed flags read before absl parses (see :func:`_parse_flags`)."""
+  import argparse  # noqa: PLC0415
+  p = argparse.ArgumentParser(add_help=False)
+  p.add_argument("--images")
+  p.add_argument("--distributed", nargs="?", const="true")
+  p.add_argument("--nodistributed", action="store_true")
+  p.add_argument("--coordinator_address")
+  p.add_argument("--num_processes", type=int)
+  p.add_argument("--process_id", type=int)
+  known, _ = p.parse_known_args(argv[1:])
+  return known
+
+
 def _parse_flags(argv):
+  """Start ``jax.distributed`` when asked to, then parse the flags. Parsing loads the
+  config, and the default preset asks JAX for its backend, which must not start before
+  ``jax.distributed.initialize``; so this one decision is made from the raw arguments."""
+  try:
+    early = _early_flags(argv)
+  except (SystemExit, ValueError):
+    early = None  # (malformed: absl's own parsing reports it)
+  if early is not None and early.images:
+    if early.nodistributed or (early.distributed or "").lower() in ("false", "0"):
+      wanted = False
+    else:
+      wanted = (early.distributed is not None or early.coordinator_address is not None
+                or distributed_lib.auto_detected())
+    if wanted:
+      _PROCESS["index"], _PROCESS["count"] = _init_distributed(
+          early.coordinator_address, early.num_processes, early.process_id)
   return config_lib.parse_flags(argv, _fail)
 
 

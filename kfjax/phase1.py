@@ -86,7 +86,7 @@ def max_level(cfg, sched):
 
   Phase 2 queries PD at ``t <= sample.t_start`` only, so with ``t_max = t_start`` no
   training is spent on levels it never uses (a kfjax option; the paper trains on all)."""
-  return int(cfg.train.get("t_max", 0)) or int(sched.num_steps)
+  return int(cfg.train.t_max) or int(sched.num_steps)
 
 
 def draw_levels(key, n, t_max):
@@ -177,13 +177,15 @@ def train(cfg, lr_image, workdir=None, show_progress=True):
     last["loss"] = loop.finite(losses, "phase 1 loss", f"step {at}")
     return {"loss": f"{last['loss']:.4f}"}
 
-  def after(state, at):
-    if saver is not None and (at % every < chunk_len or at >= total):
+  def after(state, at, stop):
+    if saver is not None and (at % every < chunk_len or at >= total or stop):
       saver.save(at, state)
-  state, _ = loop.run_chunks(chunk, state, done=done, total=total, length=chunk_len, bar=bar,
-                             report=report, after=after, lag=True)
-  bar.close()
-  if saver is not None:
-    saver.wait()
+  try:
+    state, _ = loop.run_chunks(chunk, state, done=done, total=total, length=chunk_len, bar=bar,
+                               report=report, after=after, lag=True)
+  finally:  # (also on a stop: the last save must be complete before the process ends)
+    bar.close()
+    if saver is not None:
+      saver.wait()
   info["final_loss"] = last["loss"]
   return model, state.params, info

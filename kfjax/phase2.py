@@ -242,13 +242,13 @@ class Phase2:
     cons_b = jnp.mean((degrade.downscale(b, k, self.scale) - lr_image) ** 2)
     com = kernel_net.center_of_mass_loss(k)
     loss = cons_a + cons_b + self.cfg.sample.com_weight * com
-    tv_weight = restore.weight_at(self.cfg.sample.get("tv_weight", 0.0), self.scale)
+    tv_weight = restore.weight_at(self.cfg.sample.tv_weight, self.scale)
     if tv_weight:
       # restore.tv on [−1, 1] images: ε doubled so the smoothing matches the [0, 1] solver's.
       eps = 2.0 * float(self.cfg.restore.eps)
       loss = loss + tv_weight * (restore.tv(a.astype(jnp.float32), eps)
                                  + restore.tv(b.astype(jnp.float32), eps))
-    sparsity = float(self.cfg.sample.get("sparsity_weight", 0.0))
+    sparsity = float(self.cfg.sample.sparsity_weight)
     if sparsity and self.fixed_kernel is None:
       loss = loss + sparsity * kernel_net.sparsity_loss(k)
     return loss, cons_a, cons_b, com
@@ -314,7 +314,7 @@ class Phase2:
     lr_at = functools.partial(learning_rate, n_first=n_first, n_iter=n_iter,
                               num_steps=self.num_steps, lr=float(cfg.lr),
                               lr_end=float(cfg.lr_end),
-                              schedule=cfg.get("lr_schedule", "per_step"))
+                              schedule=cfg.lr_schedule)
     per_image = (lambda f, **_: f) if batch is None else jax.vmap
 
     def update(params, opt_state, x, x0, xi, lr_image, lr, t, s):
@@ -489,18 +489,20 @@ def run(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, workdir=No
       loss = loop.finite(m.loss[-1], "phase 2 loss", f"iteration {at}")
       return {"t": int(m.t[-1]), "loss": f"{loss:.5f}"}
 
-    def after(state, at):
+    def after(state, at, stop):
       # A checkpoint (labelled by iterations done) whenever the step counter passes a
-      # multiple of checkpoint_every, and at the end.
+      # multiple of checkpoint_every, at the end, and when a stop was requested.
       step = int(state.step)
-      if saver is not None and (step // every > saved[0] // every or at >= total):
+      if saver is not None and (step // every > saved[0] // every or at >= total or stop):
         saver.save(at, state)
         saved[0] = step
-    state, metrics = loop.run_chunks(lambda s: chunk(s, lr_in, rng), state, done=done,
-                                     total=total, length=chunk_len, bar=bar, report=report,
-                                     after=after)
-    if saver is not None:
-      saver.close()
+    try:
+      state, metrics = loop.run_chunks(lambda s: chunk(s, lr_in, rng), state, done=done,
+                                       total=total, length=chunk_len, bar=bar, report=report,
+                                       after=after)
+    finally:  # (also on a stop: the last save must be complete before the process ends)
+      if saver is not None:
+        saver.close()
     # The last iteration's losses (per sample of the group); kept with the checkpoint so
     # that a run restored finished still reports them.
     if metrics is not None:

@@ -46,8 +46,7 @@ def loss(x, lr_image, kernel, scale, weight, eps):
   return data + weight * tv(x, eps)
 
 
-@functools.partial(runtime.jit, static_argnames=("scale", "steps"))
-def _solve(x0, lr_image, kernel, scale, steps, weight, eps, lr, lr_end):
+def _solve_impl(x0, lr_image, kernel, scale, steps, weight, eps, lr, lr_end):
   sched = optax.cosine_decay_schedule(lr, steps, alpha=lr_end / lr)
   tx = optax.adam(sched)
 
@@ -59,6 +58,14 @@ def _solve(x0, lr_image, kernel, scale, steps, weight, eps, lr, lr_end):
 
   (x, _), values = jax.lax.scan(step, (x0, tx.init(x0)), length=steps)
   return x, values
+
+
+@functools.cache
+def _solver():
+  """The compiled solver, built at first use rather than at import: its compiler options
+  depend on the backend, and starting the backend at import would forbid
+  ``jax.distributed.initialize`` afterwards."""
+  return runtime.jit(_solve_impl, static_argnames=("scale", "steps"))
 
 
 def solve(lr_image, kernel, scale, weight, steps=1500, lr=1e-2, lr_end=1e-4, eps=1e-3,
@@ -79,7 +86,7 @@ def solve(lr_image, kernel, scale, weight, steps=1500, lr=1e-2, lr_end=1e-4, eps
   x0 = resize.upscale(y, int(scale)) if x_init is None else jnp.asarray(x_init, jnp.float32)
   if x0.shape[-3:-1] != tuple(int(scale) * n for n in y.shape[-3:-1]):
     raise ValueError(f"x_init {x0.shape} is not {scale}x the LR image {y.shape}")
-  x, values = _solve(x0, y, k, int(scale), int(steps), float(weight), float(eps),
+  x, values = _solver()(x0, y, k, int(scale), int(steps), float(weight), float(eps),
                      float(lr), float(lr_end))
   return jnp.clip(x, 0.0, 1.0), values
 

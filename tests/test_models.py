@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kfjax import config as config_lib
 from kfjax.models import kernel_net
 from kfjax.models import pd as pd_lib
 from kfjax.models import unet as unet_lib
@@ -333,12 +334,18 @@ def test_unet_bilinear_upsampling_matches_scikit_image():
 
 # -- kernel.init = "gaussian": the INR starts from a Gaussian ---------------------------------
 
+def _kernel_config(**fields):
+  """``cfg.kernel`` of the base config with ``fields`` changed."""
+  kcfg = config_lib.base_config().kernel
+  kcfg.update(fields)
+  return kcfg
+
+
 @pytest.fixture(scope="module")
 def inr_inits():
   """A default-initialised SIREN and the same one fitted to a Gaussian (K = 12, ×2)."""
-  import ml_collections
-  kcfg = ml_collections.ConfigDict(dict(net="inr", width=32, depth=3, omega=5.0, init="gaussian",
-                                        init_sigma=0.5, init_steps=800))
+  kcfg = _kernel_config(net="inr", width=32, depth=3, omega=5.0, init="gaussian",
+                        init_sigma=0.5, init_steps=800)
   net = kernel_net.make(kcfg, 12, 2)
   fitted = jax.jit(lambda k: net.apply(kernel_net.initial_params(net, kcfg, 2, k)))(_key(3))
   default = jax.jit(lambda k: net.apply(net.init(k)))(_key(3))
@@ -378,17 +385,15 @@ def test_fit_kernel_reaches_an_off_centre_target():
 
 
 def test_kernel_init_only_changes_the_inr():
-  import ml_collections
   for net_name in ("direct_relu", "linear_cnn"):
-    kcfg = ml_collections.ConfigDict(dict(net=net_name, width=8, depth=2, omega=5.0,
-                                          cnn_sizes=(), cnn_channels=4, init="gaussian",
-                                          init_sigma=0.5, init_steps=10))
+    kcfg = _kernel_config(net=net_name, width=8, depth=2, omega=5.0, cnn_sizes=(),
+                          cnn_channels=4, init="gaussian", init_sigma=0.5, init_steps=10)
     net = kernel_net.make(kcfg, 12, 2)
     a = kernel_net.initial_params(net, kcfg, 2, _key(5))
     b = net.init(_key(5))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  kcfg = ml_collections.ConfigDict(dict(net="inr", width=8, depth=2, omega=5.0, init="box"))
+  kcfg = _kernel_config(net="inr", width=8, depth=2, omega=5.0, init="box")
   with pytest.raises(ValueError, match="kernel.init"):
     kernel_net.initial_params(kernel_net.make(kcfg, 12, 2), kcfg, 2, _key(5))
 

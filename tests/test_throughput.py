@@ -14,7 +14,8 @@
   (skipped without torch);
 * ``precision = "bfloat16"``: PD and the U-Net against float32 (bf16 accuracy, float32
   parameters and gradients), and both phases end to end;
-* ``kfjax.bench.throughput`` end to end at smoke shapes, and its FLOP formulas.
+* ``kfjax.bench.throughput`` end to end at smoke shapes, and its FLOP formulas
+  (``kfjax.bench.flops``).
 """
 
 import json
@@ -456,7 +457,10 @@ def test_torch_reference_matches_kfjax(pd_setup):
 # -- the benchmark CLI -------------------------------------------------------------------
 
 def test_throughput_cli_smoke(tmp_path, capsys):
+  from kfjax.bench import flops
+  from kfjax.bench import jax_timing
   from kfjax.bench import throughput
+  from kfjax.bench import torch_timing
   # ``scaling`` runs the same function as ``phase2`` at other sizes; left out to save a compile.
   throughput.parse_for_tests(["--preset=smoke", "--steps=2", "--iters=2", "--repeats=1",
                               "--hr_size=24", "--images=2", "--peak_size=128", "--notorch"])
@@ -474,15 +478,15 @@ def test_throughput_cli_smoke(tmp_path, capsys):
   assert 0 < p2["peak_fraction"] and "| Phase 2 FLOPs |" in throughput.format_tables(r)
   # Parts: every one timed, FLOPs from the same formulas.
   parts = r["parts"]["rows"]
-  assert set(parts) == set(throughput.PARTS) and all(row["s"] > 0 for row in parts.values())
+  assert set(parts) == set(jax_timing.PARTS) and all(row["s"] > 0 for row in parts.values())
   cfg = throughput.phase2_config("smoke", 2)
-  unet = throughput.unet_flops(cfg, 24, 24)[0]
+  unet = flops.unet_flops(cfg, 24, 24)[0]
   assert [parts[k]["flops"] for k in ("unet_fwd", "unet_grad_x", "unet_grad_all")] == [unet, 2 * unet, 3 * unet]
-  assert parts["pd_grad_x"]["flops"] == 2 * throughput.pd_flops(cfg, 24)
+  assert parts["pd_grad_x"]["flops"] == 2 * flops.pd_flops(cfg, 24)
   assert "| unet_grad_all |" in throughput.format_tables(r)
-  if throughput.have_torch():
-    torch_parts = throughput.bench_parts_torch(cfg, 24, 1, 1)
-    assert set(torch_parts) == set(throughput.PARTS) and all(v["s"] > 0 for v in torch_parts.values())
+  if torch_timing.have_torch():
+    torch_parts = torch_timing.bench_parts_torch(cfg, 24, 1, 1)
+    assert set(torch_parts) == set(jax_timing.PARTS) and all(v["s"] > 0 for v in torch_parts.values())
   assert r["batch"][0]["images"] == 2 and r["batch"][0]["images_per_hour"] > 0
   assert "| Phase 1 |" in throughput.format_tables(r) and r["precision"] == "float32"
   assert r["conv_backward"] == "custom" and "conv gradients: custom" in throughput.format_tables(r)
@@ -494,8 +498,8 @@ def test_throughput_cli_smoke(tmp_path, capsys):
   # Its FLOP budget, counted independently: Phase 1's steps × the step's PD forward +
   # backward over the batch, the reverse process's iterations (pinned to 9 above) × one
   # iteration's FLOPs.
-  flops1 = e["phase1_steps"] * 3 * p1["batch"] * throughput.pd_flops(smoke, p1["crop"])
-  flops2 = p2["reverse_iterations"] * throughput.phase2_flops(smoke, p2["hr_size"])
+  flops1 = e["phase1_steps"] * 3 * p1["batch"] * flops.pd_flops(smoke, p1["crop"])
+  flops2 = p2["reverse_iterations"] * flops.phase2_flops(smoke, p2["hr_size"])
   assert (e["phase1_flops"], e["phase2_flops"]) == (flops1, flops2)
   assert e["floor_s"] == pytest.approx((flops1 + flops2) / r["matmul_peak_flop_s"])
   assert 0 < e["floor_s"] < e["seconds"]
@@ -520,41 +524,42 @@ def test_torch_reference_device(monkeypatch):
   sees; the PyTorch benchmarks make their tensors on that device."""
   torch = pytest.importorskip("torch")
   from kfjax.bench import throughput
+  from kfjax.bench import torch_timing
   throughput.parse_for_tests([])
-  assert throughput.torch_device() == "cpu"
+  assert torch_timing.torch_device() == "cpu"
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-  assert throughput.torch_device() == "cuda"
+  assert torch_timing.torch_device() == "cuda"
   throughput.parse_for_tests(["--torch_device=cpu"])
-  assert throughput.torch_device() == "cpu"
+  assert torch_timing.torch_device() == "cpu"
   throughput.parse_for_tests([])
   # "meta" stands in for a GPU: no data, but every tensor made inside says where it is.
-  monkeypatch.setattr(throughput, "torch_device", lambda: "meta")
-  made = throughput._on_torch_device(lambda: (torch.zeros(2), torch.tensor(np.ones(2)),
-                                              torch.nn.Linear(2, 2).weight))()
+  monkeypatch.setattr(torch_timing, "torch_device", lambda: "meta")
+  made = torch_timing._on_torch_device(lambda: (torch.zeros(2), torch.tensor(np.ones(2)),
+                                                torch.nn.Linear(2, 2).weight))()
   assert all(t.device.type == "meta" for t in made)
   assert torch.zeros(2).device.type == "cpu"  # only inside
 
 
 def test_pd_flops_formula():
-  from kfjax.bench import throughput
+  from kfjax.bench import flops
   cfg = config_lib.preset("smoke")  # 8 channels, 5 blocks, crop 16 (input 30)
   c = 8
   expected = (2 * 28 ** 2 * 9 * 3 * c + 2 * 26 ** 2 * 9 * c * c
               + sum(2 * s * s * (9 + 1) * c * c for s in (24, 22, 20, 18, 16)) + 2 * 16 ** 2 * c * 3)
-  assert throughput.pd_flops(cfg, 16) == expected
+  assert flops.pd_flops(cfg, 16) == expected
 
 
 def test_unet_and_phase2_flops_formula():
-  from kfjax.bench import throughput
+  from kfjax.bench import flops
   cfg = config_lib.preset("smoke")  # U-Net 4 → 8 channels over 2 levels; PD 8 channels; ×2, K = 12
   conv = lambda n, k, ci, co: 2 * n * n * k * k * ci * co
   first = conv(24, 3, 3, 4)
   unet = (first + conv(24, 3, 4, 4) + conv(12, 3, 4, 8) + conv(12, 3, 8, 8)  # down, bottom
           + conv(12, 1, 8, 4) + conv(24, 3, 8, 4) + conv(24, 3, 4, 4)        # up (1×1 at 12²)
           + conv(24, 1, 4, 3))                                               # out
-  assert throughput.unet_flops(cfg, 24, 24) == (unet, first)
-  assert throughput.unet_flops(cfg, 23, 23) == (unet, first)  # padded to a multiple of 2
+  assert flops.unet_flops(cfg, 24, 24) == (unet, first)
+  assert flops.unet_flops(cfg, 23, 23) == (unet, first)  # padded to a multiple of 2
   downscale = 3 * conv(12, 12, 1, 1)  # 12² LR output, 12×12 kernel, one filter per colour channel
-  assert throughput.phase2_flops(cfg, 24) == (6 * unet - first + 2 * throughput.pd_flops(cfg, 24)
-                                              + 6 * downscale)
+  assert flops.phase2_flops(cfg, 24) == (6 * unet - first + 2 * flops.pd_flops(cfg, 24)
+                                         + 6 * downscale)

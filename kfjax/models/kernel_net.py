@@ -130,13 +130,13 @@ def initial_params(net, kcfg, scale, rng):
   the linear CNN from an ``s×s`` box; the field changes only the INR.
   """
   params = net.init(rng)
-  init = kcfg.get("init", "default")
-  if init == "default" or kcfg.get("net", "inr") != "inr":
+  init = kcfg.init
+  if init == "default" or kcfg.net != "inr":
     return params
   if init != "gaussian":
     raise ValueError(f"unknown kernel.init {init!r}; choose default or gaussian")
-  target = gaussian_blob(net.size, float(kcfg.get("init_sigma", 0.25)) * float(scale))
-  return fit_kernel(net, params, target, int(kcfg.get("init_steps", 500)))
+  target = gaussian_blob(net.size, float(kcfg.init_sigma) * float(scale))
+  return fit_kernel(net, params, target, int(kcfg.init_steps))
 
 
 def sparsity_loss(kernel, power=0.2, eps=1e-8):
@@ -380,13 +380,13 @@ def make(kcfg, size, scale):
   Every one is a Flax module with no inputs whose ``init(rng)`` / ``apply(params)``
   give its parameters / the ``(K, K)`` kernel summing to 1.
   """
-  net = kcfg.get("net", "inr")
+  net = kcfg.net
   if net == "inr":
     return SirenKernel(size=size, width=kcfg.width, depth=kcfg.depth, omega=kcfg.omega)
   if net in ("direct_relu", "direct_sigmoid"):
     return DirectKernel(size=size, activation=net.split("_")[1], init_sigma=float(scale))
   if net == "linear_cnn":
-    sizes = tuple(kcfg.get("cnn_sizes", ())) or linear_cnn_sizes(int(scale), size)
-    return LinearCNNKernel(size=size, sizes=sizes, channels=int(kcfg.get("cnn_channels", 32)),
+    sizes = tuple(kcfg.cnn_sizes) or linear_cnn_sizes(int(scale), size)
+    return LinearCNNKernel(size=size, sizes=sizes, channels=int(kcfg.cnn_channels),
                            scale=int(scale))
   raise ValueError(f"unknown kernel.net {net!r}; choose one of {', '.join(KERNEL_NETS)}")

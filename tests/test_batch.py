@@ -1,0 +1,293 @@
+"""``--images``: many images per command, one process or several (``kfjax.batch``).
+
+The pure parts (image lists, names, cost shares, report merging) are tested directly; the
+command line end to end on tiny images with the ``smoke`` preset: one process with a
+failing image, then two ``jax.distributed`` processes × 2 simulated CPU devices on
+localhost, one of them killed and the command re-run.
+"""
+
+import csv
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+import skimage.data
+
+from kfjax import batch
+from kfjax import config as config_lib
+from kfjax import io as kio
+from kfjax.errors import KfjaxError
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+# A smaller smoke run: a few Phase 1 steps, three reverse steps.
+TINY = ["--config", "smoke", "--config.train.steps=4", "--config.train.steps_per_chunk=2",
+        "--config.train.checkpoint_every=2", "--config.sample.num_steps=3", "--quiet"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_compile_cache(tmp_path_factory):
+  """One compilation cache for the module's runs: same-size images compile once."""
+  ENV["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jaxcache"))
+
+
+def _cli(*args, env=None, **kw):
+  return subprocess.run([sys.executable, "-m", "kfjax.main", *args], capture_output=True,
+                        text=True, env={**ENV, **(env or {})}, timeout=900, **kw)
+
+
+def _report(out):
+  with open(os.path.join(out, "report.csv")) as f:
+    return {r["name"]: r for r in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+  """Four crops of a photo in two sizes (16×16, 16×20), two sharing a stem in
+  different folders, and a file with an image name that is not an image."""
+  d = tmp_path_factory.mktemp("images")
+  photo = skimage.data.astronaut().astype(np.float64) / 255.0
+  crops = {"a.png": photo[100:116, 200:216], "b.png": photo[150:166, 240:260],
+           "c.png": photo[300:316, 100:120], os.path.join("sub", "a.png"): photo[50:66, 50:66]}
+  os.makedirs(d / "sub")
+  for name, img in crops.items():
+    kio.save_image(str(d / name), img)
+  (d / "broken.png").write_text("not an image")
+  return d
+
+
+# -- pure parts ----------------------------------------------------------------------------
+
+def test_expand_takes_a_folder_a_glob_and_a_list(images, tmp_path):
+  d = str(images)
+  folder = batch.expand(d)
+  assert [os.path.basename(p) for p in folder] == ["a.png", "b.png", "broken.png", "c.png"]
+  assert batch.expand(os.path.join(d, "**", "a.png")) == sorted(
+      [os.path.join(d, "a.png"), os.path.join(d, "sub", "a.png")])
+  lst = tmp_path / "list.txt"
+  lst.write_text(f"# two images\n{os.path.relpath(os.path.join(d, 'c.png'), tmp_path)}\n\n"
+                 f"{os.path.join(d, 'a.png')}\n")
+  assert batch.expand(f"@{lst}") == [os.path.join(d, "a.png"), os.path.join(d, "c.png")]
+  with pytest.raises(KfjaxError, match="no images found"):
+    batch.expand(os.path.join(d, "*.jpg"))
+  lst.write_text("missing.png\n")
+  with pytest.raises(KfjaxError, match="do not exist, first: .*missing.png"):
+    batch.expand(f"@{lst}")
+  with pytest.raises(KfjaxError, match="cannot read the image list"):
+    batch.expand(f"@{tmp_path / 'nope.txt'}")
+
+
+def test_unique_names_only_disambiguate_shared_stems():
+  names = batch.unique_names(["/x/a.png", "/y/a.png", "/x/b.tif"])
+  assert names["/x/b.tif"] == "b"
+  assert names["/x/a.png"] != names["/y/a.png"]
+  assert all(names[p].startswith("a-") for p in ("/x/a.png", "/y/a.png"))
+  # A path's name does not depend on the rest of the batch.
+  assert batch.unique_names(["/x/a.png", "/y/a.png"]) == {p: names[p] for p in ("/x/a.png", "/y/a.png")}
+
+
+def test_shares_balance_cost_longest_first():
+  costs = {"a": 100.0, "b": 60.0, "c": 50.0, "d": 40.0, "e": 10.0, "f": 10.0}
+  two = batch.shares(costs, 2)
+  assert two == [["a", "d"], ["b", "c", "e", "f"]]       # loads 140 / 130
+  loads = [sum(costs[n] for n in s) for s in two]
+  assert max(loads) - min(loads) <= max(costs.values())
+  # Equal counts would put a and b together (sorted by name, split in halves): not balanced.
+  assert sorted(sum(two, [])) == sorted(costs)               # disjoint and complete
+  assert batch.shares(costs, 1) == [["a", "b", "c", "d", "e", "f"]]
+  assert batch.shares(costs, 8)[6:] == [[], []]
+  assert batch.shares(dict(reversed(list(costs.items()))), 2) == two  # order-free
+
+
+def test_estimate_cost_grows_with_pixels_and_scale():
+  cfg = config_lib.preset("cpu")
+  small, big = batch.estimate_cost(cfg, (64, 64)), batch.estimate_cost(cfg, (256, 256))
+  assert 1 < big / small < 16  # Phase 1's crop cost does not grow with the image
+  cfg.scale = 4
+  assert batch.estimate_cost(cfg, (64, 64)) > small
+  assert batch.estimate_cost(cfg, None) == 0.0
+
+
+def test_merge_report_is_idempotent_and_prefers_finished_rows(tmp_path):
+  cfg = ml_collections.ConfigDict({"name": "smoke"})
+  row = lambda n, s, p, e="": batch._row(n, f"/i/{n}.png", s, p, cfg, error=e)
+  batch._save_part(str(tmp_path), 0, [row("a", "done", 0), row("b", "failed", 0, "boom")])
+  batch._save_part(str(tmp_path), 1, [row("b", "done", 1), row("c", "failed", 1, "bad, \"x\"")])
+  first = batch.merge_report(str(tmp_path))
+  text = (tmp_path / "report.csv").read_text()
+  assert batch.merge_report(str(tmp_path)) == first
+  assert (tmp_path / "report.csv").read_text() == text
+  rows = _report(str(tmp_path))
+  assert {n: r["status"] for n, r in rows.items()} == {"a": "done", "b": "done", "c": "failed"}
+  assert rows["b"]["process"] == "1" and rows["c"]["error"] == "bad, \"x\""
+  assert list(rows["a"]) == list(batch.REPORT_FIELDS)
+
+
+def test_importing_kfjax_starts_no_backend():
+  """``jax.distributed.initialize`` must come before JAX's backend starts; kfjax's
+  modules must not start it at import (e.g. by compiling at module level)."""
+  code = ("import jax; from jax._src import xla_bridge as xb\n"
+          "from kfjax import batch, main, pipeline, phase1, phase2, kernelgan, restore\n"
+          "print(bool(xb._backends))")
+  res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV,
+                       timeout=300)
+  assert res.stdout.strip() == "False", res.stderr[-2000:]
+
+
+# -- one process ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def one_process(images, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("batch") / "out")
+  t0 = time.time()
+  first = _cli("--images", str(images / "**" / "*.png"), "--workdir", out, *TINY)
+  first_s = time.time() - t0
+  second = _cli("--images", str(images / "**" / "*.png"), "--workdir", out, *TINY)
+  return out, first, second, first_s
+
+
+def test_batch_runs_every_image_and_records_the_failure(one_process, images):
+  out, res, _, _ = one_process
+  assert res.returncode == 1, res.stderr[-3000:]
+  assert "Traceback" not in res.stderr
+  failed = [ln for ln in res.stderr.splitlines() if "FAILED broken" in ln]
+  assert len(failed) >= 1 and "not a recognised image" in failed[-1]
+  rows = _report(out)
+  assert sorted(rows) == sorted(["a-" + n.split("-")[1] for n in rows if n.startswith("a-")]
+                                + ["b", "broken", "c"])
+  assert len([n for n in rows if n.startswith("a-")]) == 2
+  assert {n: r["status"] for n, r in rows.items() if not n.startswith("a-")} == {
+      "b": "done", "broken": "failed", "c": "done"}
+  for name, r in rows.items():
+    if r["status"] == "done":
+      files = set(os.listdir(os.path.join(out, name)))
+      assert {"sr.png", "kernel.npy", "kernel.png", "bicubic.png", "summary.json"} <= files
+      assert float(r["phase1_seconds"]) > 0 and float(r["phase2_seconds"]) > 0
+      assert r["process"] == "0" and r["preset"] == "smoke" and r["device"].startswith("cpu")
+  assert "3 done" in res.stdout or "4 done" in res.stdout
+
+
+def test_batch_rerun_skips_finished_images(one_process):
+  out, _, res, _ = one_process
+  assert res.returncode == 1  # the broken image still fails
+  rows = _report(out)
+  assert {r["status"] for n, r in rows.items() if n != "broken"} == {"skipped"}
+  assert "0 done, 4 already finished, 1 failed" in res.stdout
+
+
+def test_batch_image_equals_a_single_image_run(one_process, images, tmp_path):
+  """Image n of a batch is exactly the single-image run of image n."""
+  out = one_process[0]
+  wd = str(tmp_path / "single")
+  res = _cli("--image", str(images / "b.png"), "--workdir", wd, *TINY)
+  assert res.returncode == 0, res.stderr[-2000:]
+  np.testing.assert_array_equal(np.load(os.path.join(out, "b", "kernel.npy")),
+                                np.load(os.path.join(wd, "kernel.npy")))
+  np.testing.assert_array_equal(kio.load_image(os.path.join(out, "b", "sr.png"))[0],
+                                kio.load_image(os.path.join(wd, "sr.png"))[0])
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--images", "{d}/*.jpg", "--workdir", "{t}/o"], "no images found"),
+    (["--images", "{d}"], "--images needs --workdir"),
+    (["--images", "{d}", "--image", "{d}/a.png", "--workdir", "{t}/o"], "exclude each other"),
+    (["--images", "@{t}/none.txt", "--workdir", "{t}/o"], "cannot read the image list"),
+    (["--image", "{d}/a.png", "--distributed", "--workdir", "{t}/o"], "needs --images"),
+    (["--images", "{d}", "--workdir", "{t}/o", "--coordinator_address", "127.0.0.1:1"],
+     "go together"),
+])
+def test_batch_bad_input_gives_one_line(images, tmp_path, args, needle):
+  args = [a.format(d=images, t=tmp_path) for a in args]
+  res = _cli(*args, *TINY)
+  assert res.returncode != 0
+  assert "Traceback" not in res.stderr, res.stderr[-2000:]
+  assert needle in res.stderr, res.stderr[-2000:]
+
+
+# -- two processes -------------------------------------------------------------------------
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _two_processes(spec, out, kill_when=None):
+  """Both processes of one ``--distributed`` run (2 simulated CPU devices each); with
+  ``kill_when = (pattern, i)``, process i is SIGKILLed as soon as a path matching the glob
+  ``pattern`` exists (e.g. its image's first Phase 2 checkpoint)."""
+  port = _free_port()
+  env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "kfjax.main", "--images", spec, "--workdir", out, *TINY,
+       "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
+       "--process_id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=env) for i in range(2)]
+  if kill_when is not None:
+    pattern, victim = kill_when
+    deadline = time.time() + 600
+    while time.time() < deadline and procs[victim].poll() is None and not glob.glob(pattern):
+      time.sleep(0.05)
+    procs[victim].send_signal(signal.SIGKILL)
+  outs = [p.communicate(timeout=900) for p in procs]
+  return [(p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(images, tmp_path_factory):
+  root = tmp_path_factory.mktemp("dist")
+  good = root / "imgs"
+  os.makedirs(good)
+  for name in ("a.png", "b.png", "c.png"):
+    os.link(images / name, good / name)
+  whole = _two_processes(str(good), str(root / "whole"))
+  return good, root, whole
+
+
+def test_two_processes_share_the_images_and_merge_one_report(two_process_runs):
+  good, root, whole = two_process_runs
+  for rc, out, err in whole:
+    assert rc == 0, err[-3000:]
+  rows = _report(str(root / "whole"))
+  assert sorted(rows) == ["a", "b", "c"]
+  assert {r["status"] for r in rows.values()} == {"done"}
+  by_process = {}
+  for name, r in rows.items():
+    by_process.setdefault(r["process"], []).append(name)
+  assert sorted(by_process) == ["0", "1"]                 # both worked, on disjoint shares
+  parts = sorted(os.listdir(root / "whole" / batch.PARTS))
+  assert parts == ["process-0.json", "process-1.json"]
+  for name in rows:
+    with open(root / "whole" / name / "summary.json") as f:
+      assert json.load(f)["image"] == str(good / f"{name}.png")
+
+
+def test_a_killed_process_loses_only_its_unfinished_work(two_process_runs):
+  """Process 1 is killed in the middle of its image's Phase 2 (its share is image c:
+  b and c cost the same and come first, a goes to the less loaded, lower process);
+  process 0 finishes its share; re-running the same command completes the set, with
+  results equal to the uninterrupted run's."""
+  good, root, whole = two_process_runs
+  assert _report(str(root / "whole"))["c"]["process"] == "1"
+  out = str(root / "killed")
+  first = _two_processes(str(good), out,
+                         kill_when=(os.path.join(out, "c", "checkpoints", "phase2", "[0-9]*"), 1))
+  assert first[0][0] == 0, first[0][2][-3000:]
+  assert first[1][0] == -signal.SIGKILL
+  again = _two_processes(str(good), out)
+  for rc, _, err in again:
+    assert rc == 0, err[-3000:]
+  rows = _report(out)
+  assert sorted(rows) == ["a", "b", "c"]
+  assert {r["status"] for r in rows.values()} <= {"done", "skipped"}
+  for name in rows:
+    np.testing.assert_allclose(np.load(os.path.join(out, name, "kernel.npy")),
+                               np.load(os.path.join(root, "whole", name, "kernel.npy")),
+                               rtol=1e-5, atol=1e-7)
