@@ -7,16 +7,16 @@ in process 0 and ends every process when one fails, unless told otherwise. So:
 
 * :func:`initialize` turns on JAX's recoverable mode first, so that a process that dies
   (or is preempted) leaves the others running;
-* process 0 hosts the service, so it must outlive the others: :func:`finish` marks this
-  process done in the service's key-value store, and process 0 waits until every other
-  process is done or dead before it returns. If process 0 itself dies, the others stop
-  too; re-running the command finishes what is missing.
+* process 0 hosts the service, so it must outlive the others: :func:`finish` waits until
+  every other process is done or dead. If process 0 itself dies, the others stop too;
+  re-running the command finishes what is missing.
 """
 
 import os
-import time
 
-DONE_KEY = "kfjax/batch/done/{}"
+# A process that sends no heartbeat for this long counts as dead (JAX's default is 100 s;
+# heartbeats come from a background thread, so long computations do not delay them).
+HEARTBEAT_SECONDS = 30
 
 
 def auto_detected(environ=os.environ):
@@ -36,9 +36,11 @@ def initialize(coordinator=None, num_processes=None, process_id=None, timeout=30
   jax.config.update("jax_enable_recoverability", True)
   if coordinator is not None:
     jax.distributed.initialize(coordinator, num_processes, process_id,
-                               initialization_timeout=timeout)
+                               initialization_timeout=timeout,
+                               heartbeat_timeout_seconds=HEARTBEAT_SECONDS)
   else:
-    jax.distributed.initialize(initialization_timeout=timeout)
+    jax.distributed.initialize(initialization_timeout=timeout,
+                               heartbeat_timeout_seconds=HEARTBEAT_SECONDS)
   return jax.process_index(), jax.process_count()
 
 
@@ -48,34 +50,28 @@ def _client():
   return distributed.global_state.client
 
 
-def finish(index, count, poll=1.0, log=None):
-  """Mark process ``index`` done; on process 0, wait until each other process is done or
-  no longer alive (so the coordination service outlives them)."""
+def finish(index, count, log=None):
+  """Wait, at the end of this process's work, until every other process has finished or
+  died: JAX's alive-tasks query blocks until all live tasks have made it, and a task that
+  died (no heartbeat for ``HEARTBEAT_SECONDS``) no longer counts. Process 0 hosts the
+  coordination service, so it must not exit before the others; the others wait too,
+  which costs them nothing but their exit."""
   client = _client()
   if client is None or count <= 1:
     return
-  client.key_value_set(DONE_KEY.format(index), "1", allow_overwrite=True)
-  if index != 0:
-    return
-  waiting = set(range(1, count))
-  told = False
-  while waiting:
-    for j in sorted(waiting):
-      try:
-        done = client.key_value_try_get(DONE_KEY.format(j)) == "1"
-      except Exception:  # noqa: BLE001 - NOT_FOUND: not done yet
-        done = False
-      if done:
-        waiting.discard(j)
-    if waiting:
-      try:
-        alive = set(client.get_live_nodes(sorted(waiting)))
-      except Exception:  # noqa: BLE001 - the service cannot say: assume alive
-        alive = set(waiting)
-      waiting &= alive
-    if waiting:
-      if not told and log is not None:
-        log(f"process 0 waits for process(es) {sorted(waiting)} to finish "
-            "(it hosts the coordination service)")
-        told = True
-      time.sleep(poll)
+  if log is not None and index == 0:
+    log("waiting for the other processes to finish (process 0 hosts the coordination service)")
+  import jax  # noqa: PLC0415
+  everyone = list(range(count))
+  try:
+    client.get_live_nodes(everyone)  # every live process is done
+    if index != 0:
+      # Leave while the service is still there (at exit it may be gone already, which
+      # JAX treats as a fatal error).
+      jax.distributed.shutdown()
+    else:
+      # Returns once the others have left (a task that has shut down is not alive).
+      client.get_live_nodes(everyone)
+  except Exception as e:  # noqa: BLE001 - the service gone: nothing left to wait for
+    if log is not None:
+      log(f"could not wait for the other processes ({str(e).splitlines()[0][:120]})")

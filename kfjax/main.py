@@ -11,6 +11,7 @@ exits with status 143; re-running the same command resumes.
 ``--config.<field>=<value>`` (e.g. ``--config.train.steps=500``).
 """
 
+import contextlib
 import os
 import signal
 import sys
@@ -61,12 +62,11 @@ _METHOD = flags.DEFINE_enum("method", "kernelfusion", ["kernelfusion", "kernelga
 
 def _init_distributed(coordinator, num_processes, process_id):
   """:func:`kfjax.distributed.initialize`, errors as one line; ``(index, count)``."""
-  from kfjax import distributed  # noqa: PLC0415
   given = [coordinator, num_processes, process_id]
   if any(v is not None for v in given) and not all(v is not None for v in given):
     _fail("--coordinator_address, --num_processes and --process_id go together")
   try:
-    return distributed.initialize(coordinator, num_processes, process_id)
+    return distributed_lib.initialize(coordinator, num_processes, process_id)
   except (RuntimeError, ValueError) as e:
     _fail(f"jax.distributed.initialize failed: {str(e).splitlines()[0] if str(e) else e}")
 
@@ -105,23 +105,28 @@ def main(argv):
     return
   stem = os.path.splitext(os.path.basename(_IMAGE.value))[0] or "image"
   workdir = _WORKDIR.value or os.path.join("kfjax_out", stem)
-  try:
+  with _user_errors(workdir):
     ops.conv_backward()  # a bad KFJAX_CONV_BACKWARD fails before any work
     pipeline.validate_config(cfg)
     pipeline.run(_IMAGE.value, cfg, workdir, kernel_path=_KERNEL.value,
                  show_progress=not _QUIET.value, method=_METHOD.value)
+
+
+@contextlib.contextmanager
+def _user_errors(where):
+  """How a run ends for the user: a KfjaxError as one line (status 2), a SIGTERM stop
+  (checkpointed) with status 143, Ctrl-C as one line."""
+  from kfjax import loop  # noqa: PLC0415
+  try:
+    yield
   except KfjaxError as e:
     _fail(str(e))
   except loop.Stopped:
-    _stopped(workdir)
+    print(f"kfjax: stopped by SIGTERM; checkpointed in {where}; the same command resumes",
+          file=sys.stderr)
+    sys.exit(143)
   except KeyboardInterrupt:
-    _fail(f"interrupted; finished phases are checkpointed in {workdir} and resume on re-run")
-
-
-def _stopped(where):
-  print(f"kfjax: stopped by SIGTERM; checkpointed in {where}; the same command resumes",
-        file=sys.stderr)
-  sys.exit(143)
+    _fail(f"interrupted; finished work and checkpoints are in {where}; re-run to resume")
 
 
 def _main_batch(cfg, distributed):
@@ -137,7 +142,7 @@ def _main_batch(cfg, distributed):
     if jax.process_count() == 1:
       _fail("--distributed: this is the only process (jax.distributed found no others)")
   process, count = _PROCESS["index"], _PROCESS["count"]
-  try:
+  with _user_errors(out):
     try:
       ops.conv_backward()
       rows, merged = batch.run(_IMAGES.value, cfg, out, kernel_path=_KERNEL.value,
@@ -145,12 +150,6 @@ def _main_batch(cfg, distributed):
                                process=process, num_processes=count)
     finally:  # (however this process ends, process 0 outlives the others)
       distributed_lib.finish(process, count, log=loop.log)
-  except KfjaxError as e:
-    _fail(str(e))
-  except loop.Stopped:
-    _stopped(out)
-  except KeyboardInterrupt:
-    _fail(f"interrupted; finished images and checkpoints are in {out}; re-run to resume")
   if process == 0 and count > 1:  # the others' final parts are in now
     merged = batch.merge_report(out)
   print(f"kfjax: {batch.summary_line(rows, merged, len(paths))}; "
@@ -168,7 +167,8 @@ _PROCESS = {"index": 0, "count": 1}
 def _early_flags(argv):
   """The distributed flags read before absl parses (see :func:`_parse_flags`)."""
   import argparse  # noqa: PLC0415
-  p = argparse.ArgumentParser(add_help=False)
+  p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # (--image is not --images)
+  p.add_argument("--image")
   p.add_argument("--images")
   p.add_argument("--distributed", nargs="?", const="true")
   p.add_argument("--nodistributed", action="store_true")

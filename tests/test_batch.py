@@ -10,6 +10,7 @@ import csv
 import glob
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -130,6 +131,16 @@ def test_merge_report_is_idempotent_and_prefers_finished_rows(tmp_path):
   assert list(rows["a"]) == list(batch.REPORT_FIELDS)
 
 
+def test_distributed_is_auto_detected_only_on_multi_process_clusters():
+  from kfjax import distributed
+  assert not distributed.auto_detected({})
+  assert not distributed.auto_detected({"SLURM_NTASKS": "4"})  # sbatch script, not srun
+  assert not distributed.auto_detected({"SLURM_STEP_ID": "0", "SLURM_NTASKS": "1"})
+  assert distributed.auto_detected({"SLURM_STEP_ID": "0", "SLURM_NTASKS": "8"})
+  assert not distributed.auto_detected({"TPU_WORKER_HOSTNAMES": "localhost"})
+  assert distributed.auto_detected({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"})
+
+
 def test_importing_kfjax_starts_no_backend():
   """``jax.distributed.initialize`` must come before JAX's backend starts; kfjax's
   modules must not start it at import (e.g. by compiling at module level)."""
@@ -146,20 +157,18 @@ def test_importing_kfjax_starts_no_backend():
 @pytest.fixture(scope="module")
 def one_process(images, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("batch") / "out")
-  t0 = time.time()
   first = _cli("--images", str(images / "**" / "*.png"), "--workdir", out, *TINY)
-  first_s = time.time() - t0
+  first_rows = _report(out) if os.path.exists(os.path.join(out, "report.csv")) else {}
   second = _cli("--images", str(images / "**" / "*.png"), "--workdir", out, *TINY)
-  return out, first, second, first_s
+  return out, first, second, first_rows
 
 
 def test_batch_runs_every_image_and_records_the_failure(one_process, images):
-  out, res, _, _ = one_process
+  out, res, _, rows = one_process
   assert res.returncode == 1, res.stderr[-3000:]
   assert "Traceback" not in res.stderr
   failed = [ln for ln in res.stderr.splitlines() if "FAILED broken" in ln]
   assert len(failed) >= 1 and "not a recognised image" in failed[-1]
-  rows = _report(out)
   assert sorted(rows) == sorted(["a-" + n.split("-")[1] for n in rows if n.startswith("a-")]
                                 + ["b", "broken", "c"])
   assert len([n for n in rows if n.startswith("a-")]) == 2
@@ -247,14 +256,19 @@ def two_process_runs(images, tmp_path_factory):
   os.makedirs(good)
   for name in ("a.png", "b.png", "c.png"):
     os.link(images / name, good / name)
-  whole = _two_processes(str(good), str(root / "whole"))
-  return good, root, whole
+  # The uninterrupted run goes through launch/local.sh (2 processes on this machine).
+  script = os.path.join(os.path.dirname(__file__), "..", "launch", "local.sh")
+  res = subprocess.run(["bash", script, "2", str(good), str(root / "whole"), *TINY],
+                       capture_output=True, text=True, timeout=900,
+                       env={**ENV, "PYTHON": sys.executable,
+                            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  return good, root, res
 
 
 def test_two_processes_share_the_images_and_merge_one_report(two_process_runs):
-  good, root, whole = two_process_runs
-  for rc, out, err in whole:
-    assert rc == 0, err[-3000:]
+  good, root, res = two_process_runs
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "Traceback" not in res.stderr
   rows = _report(str(root / "whole"))
   assert sorted(rows) == ["a", "b", "c"]
   assert {r["status"] for r in rows.values()} == {"done"}
@@ -274,7 +288,7 @@ def test_a_killed_process_loses_only_its_unfinished_work(two_process_runs):
   b and c cost the same and come first, a goes to the less loaded, lower process);
   process 0 finishes its share; re-running the same command completes the set, with
   results equal to the uninterrupted run's."""
-  good, root, whole = two_process_runs
+  good, root, _ = two_process_runs
   assert _report(str(root / "whole"))["c"]["process"] == "1"
   out = str(root / "killed")
   first = _two_processes(str(good), out,
@@ -291,3 +305,19 @@ def test_a_killed_process_loses_only_its_unfinished_work(two_process_runs):
     np.testing.assert_allclose(np.load(os.path.join(out, name, "kernel.npy")),
                                np.load(os.path.join(root, "whole", name, "kernel.npy")),
                                rtol=1e-5, atol=1e-7)
+
+
+def test_launch_scripts_parse():
+  """The pod and SLURM scripts cannot run here: they must at least parse (and pass
+  shellcheck where it is installed); local.sh runs for real above."""
+  folder = os.path.join(os.path.dirname(__file__), "..", "launch")
+  scripts = sorted(f for f in os.listdir(folder) if f.endswith(".sh"))
+  assert {"local.sh", "slurm.sh", "tpu_pod.sh", "batch.sh"} <= set(scripts)
+  for name in scripts:
+    res = subprocess.run(["bash", "-n", os.path.join(folder, name)], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, (name, res.stderr)
+  if shutil.which("shellcheck"):
+    res = subprocess.run(["shellcheck", "-S", "error", *[os.path.join(folder, n) for n in scripts]],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:]
