@@ -55,8 +55,8 @@ import tqdm
 
 from kfjax import loop
 from kfjax import ops
-from kfjax import runtime
 from kfjax import resize
+from kfjax import runtime
 from kfjax.errors import KfjaxError
 from kfjax.models import kernel_net
 

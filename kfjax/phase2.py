@@ -45,9 +45,9 @@ from kfjax import checkpoint as ckpt
 from kfjax import config as config_lib
 from kfjax import degrade
 from kfjax import loop
-from kfjax import runtime
 from kfjax import resize
 from kfjax import restore
+from kfjax import runtime
 from kfjax import schedule as sch
 from kfjax.models import kernel_net
 from kfjax.models import pd as pd_lib

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import optax
 
 from kfjax import degrade
-from kfjax import runtime
 from kfjax import resize
+from kfjax import runtime
 
 FIELDS = ("weight", "steps", "lr", "lr_end", "eps")
 

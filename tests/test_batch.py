@@ -321,3 +321,31 @@ def test_launch_scripts_parse():
     res = subprocess.run(["shellcheck", "-S", "error", *[os.path.join(folder, n) for n in scripts]],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:]
+
+
+def test_sigterm_checkpoints_exits_143_and_the_rerun_resumes(images, tmp_path):
+  """SIGTERM during Phase 1: the chunk running finishes, a checkpoint is written, the
+  command exits with 143 and one line; the same command then resumes from there."""
+  wd = str(tmp_path / "wd")
+  args = ["--image", str(images / "c.png"), "--workdir", wd, *TINY,
+          "--config.train.steps=400", "--config.train.checkpoint_every=1000"]
+  proc = subprocess.Popen([sys.executable, "-m", "kfjax.main", *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=ENV)
+  pd = os.path.join(wd, "checkpoints", "pd")
+  deadline = time.time() + 600
+  # config.json is written after the handler is installed, just before Phase 1 starts.
+  while (time.time() < deadline and proc.poll() is None
+         and not os.path.exists(os.path.join(wd, "config.json"))):
+    time.sleep(0.05)
+  time.sleep(2.0)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=600)
+  assert proc.returncode == 143, err[-3000:]
+  assert "Traceback" not in err and "stopped by SIGTERM" in err
+  steps = [int(n) for n in os.listdir(pd) if n.isdigit()]
+  assert steps and 0 < max(steps) < 400            # a checkpoint where it stopped
+  assert not os.path.exists(os.path.join(wd, "summary.json"))
+  res = _cli(*args)
+  assert res.returncode == 0, res.stderr[-3000:]
+  with open(os.path.join(wd, "summary.json")) as f:
+    assert json.load(f)["phase1"]["restored_step"] == max(steps)

@@ -18,10 +18,10 @@ import numpy as np
 
 from kfjax import config as config_lib
 from kfjax import degrade
-from kfjax import runtime
-from kfjax import phase2
-from kfjax import schedule as sch
 from kfjax import phase1
+from kfjax import phase2
+from kfjax import runtime
+from kfjax import schedule as sch
 from kfjax.bench import flops as flops_lib
 from kfjax.models import pd as pd_lib
 
