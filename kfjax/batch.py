@@ -168,17 +168,17 @@ def merge_report(out):
   return [rows[n] for n in sorted(rows)]
 
 
-def run(spec, cfg, out, *, kernel_path=None, method="kernelfusion", show_progress=True,
+def run(paths, cfg, out, *, kernel_path=None, method="kernelfusion", show_progress=True,
         process=0, num_processes=1):
-  """Run every image of ``spec`` that belongs to this process (``process`` of
-  ``num_processes``) into ``OUT/<name>/``; returns ``(rows of this process, merged rows)``.
+  """Run every image of ``paths`` (from :func:`expand`) that belongs to this process
+  (``process`` of ``num_processes``) into ``OUT/<name>/``; returns ``(rows of this
+  process, merged rows)``.
 
   A failing image is recorded (status ``failed`` with its one-line error) and the rest go
   on; :class:`kfjax.loop.Stopped` (SIGTERM) ends the batch after the current image's
   checkpoint, with this process's part and the report written.
   """
   from kfjax import pipeline  # noqa: PLC0415 (imports JAX; --help stays fast)
-  paths = expand(spec)
   names = unique_names(paths)
   try:
     os.makedirs(out, exist_ok=True)

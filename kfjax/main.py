@@ -80,11 +80,7 @@ def main(argv):
     _fail("--image and --images exclude each other")
   if _IMAGES.value and not _WORKDIR.value:
     _fail("--images needs --workdir (the folder that gets one subfolder per image)")
-  distributed = _DISTRIBUTED.value
-  if distributed is None:
-    distributed = _COORDINATOR.value is not None or (bool(_IMAGES.value) and
-                                                     distributed_lib.auto_detected())
-  if distributed and not _IMAGES.value:
+  if (_DISTRIBUTED.value or _COORDINATOR.value is not None) and not _IMAGES.value:
     _fail("--distributed shares --images over processes; it needs --images")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   # Imported here so that --help and flag errors do not pay for importing JAX.
@@ -101,13 +97,12 @@ def main(argv):
   # SIGTERM (a scheduler's preemption notice): finish the chunk, checkpoint, exit 143.
   signal.signal(signal.SIGTERM, loop.request_stop)
   if _IMAGES.value:
-    _main_batch(cfg, distributed)
+    _main_batch(cfg)
     return
   stem = os.path.splitext(os.path.basename(_IMAGE.value))[0] or "image"
   workdir = _WORKDIR.value or os.path.join("kfjax_out", stem)
   with _user_errors(workdir):
     ops.conv_backward()  # a bad KFJAX_CONV_BACKWARD fails before any work
-    pipeline.validate_config(cfg)
     pipeline.run(_IMAGE.value, cfg, workdir, kernel_path=_KERNEL.value,
                  show_progress=not _QUIET.value, method=_METHOD.value)
 
@@ -129,23 +124,22 @@ def _user_errors(where):
     _fail(f"interrupted; finished work and checkpoints are in {where}; re-run to resume")
 
 
-def _main_batch(cfg, distributed):
+def _main_batch(cfg):
   from kfjax import batch, loop, ops, pipeline  # noqa: PLC0415
   out = _WORKDIR.value
   try:
+    # (once here rather than per image: a bad config is one line, not one failure each)
     pipeline.validate_config(cfg)
-    paths = batch.expand(_IMAGES.value)  # (a bad spec fails before distributed start-up)
+    paths = batch.expand(_IMAGES.value)
   except KfjaxError as e:
     _fail(str(e))
-  if distributed and _PROCESS["count"] == 1:
-    import jax  # noqa: PLC0415
-    if jax.process_count() == 1:
-      _fail("--distributed: this is the only process (jax.distributed found no others)")
+  if _PROCESS["distributed"] and _PROCESS["count"] == 1:
+    _fail("--distributed: this is the only process (jax.distributed found no others)")
   process, count = _PROCESS["index"], _PROCESS["count"]
   with _user_errors(out):
     try:
       ops.conv_backward()
-      rows, merged = batch.run(_IMAGES.value, cfg, out, kernel_path=_KERNEL.value,
+      rows, merged = batch.run(paths, cfg, out, kernel_path=_KERNEL.value,
                                method=_METHOD.value, show_progress=not _QUIET.value,
                                process=process, num_processes=count)
     finally:  # (however this process ends, process 0 outlives the others)
@@ -161,7 +155,8 @@ def _main_batch(cfg, distributed):
     sys.exit(1)
 
 
-_PROCESS = {"index": 0, "count": 1}
+# Filled by _parse_flags, the one place that decides whether this is a distributed run.
+_PROCESS = {"distributed": False, "index": 0, "count": 1}
 
 
 def _early_flags(argv):
@@ -194,6 +189,7 @@ def _parse_flags(argv):
       wanted = (early.distributed is not None or early.coordinator_address is not None
                 or distributed_lib.auto_detected())
     if wanted:
+      _PROCESS["distributed"] = True
       _PROCESS["index"], _PROCESS["count"] = _init_distributed(
           early.coordinator_address, early.num_processes, early.process_id)
   return config_lib.parse_flags(argv, _fail)
