@@ -14,6 +14,15 @@ while the images run: each process writes its own report part
 from all the parts present (:func:`merge_report`) by every process when it finishes, so
 the report does not depend on any one process surviving and merging again gives the same
 file.
+
+Within a process, images of the same size run together (:func:`plan_groups`): spread
+over the process's devices (a ``shard_map`` over an ``images`` mesh axis) and
+``images_per_device`` of them vmapped on each device (never padded: the method learns
+each image's own patch statistics, so only images of one exact size go together). A
+group writes every image's checkpoints and outputs exactly where, and as, a run of that
+image alone would (:func:`kfjax.phase1.train_group`, :func:`kfjax.phase2.run_group`), so
+a group that cannot run together (checkpoints at different steps, an image that fails)
+falls back to its images one at a time, resuming what the group began.
 """
 
 import csv
@@ -25,11 +34,13 @@ import os
 import time
 import traceback
 
+import numpy as np
 import tqdm
 
 from kfjax import io as kio
 from kfjax import loop
 from kfjax.errors import KfjaxError
+from kfjax.errors import NotTogether
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 REPORT_FIELDS = ("name", "status", "phase1_seconds", "phase2_seconds", "total_seconds",
@@ -125,6 +136,38 @@ def finished(folder, path):
   return summary if summary.get("image") == os.path.abspath(path) else None
 
 
+def checkpoint_progress(folder):
+  """The latest checkpoint steps ``(phase 1, phase 2)`` found in ``folder`` (None where
+  there is none), from the folder names alone: images resumed together must stand at
+  the same place (the phases check the fingerprints when they restore)."""
+  def latest(phase):
+    try:
+      steps = [int(n) for n in os.listdir(os.path.join(folder, "checkpoints", phase))
+               if n.isdigit()]
+    except OSError:
+      return None
+    return max(steps) if steps else None
+  return latest("pd"), latest("phase2")
+
+
+def plan_groups(keys, devices, per_device):
+  """Split images into groups that run together: ``keys`` maps each name (in run order)
+  to what must agree within a group (size, checkpoint progress; ``None`` keeps the
+  image alone). Each group takes ``d <= devices`` devices and ``k <= per_device`` images
+  per device, as many as are left (a remainder runs on fewer devices). Returns
+  ``[(names, d), …]`` in the order of each group's first image."""
+  by_key, out = {}, []
+  for name, key in keys.items():
+    by_key.setdefault(key if key is not None else ("alone", name), []).append(name)
+  for names in by_key.values():
+    while names:
+      d = min(devices, len(names))
+      k = max(1, min(per_device, len(names) // d))
+      out.append((names[:d * k], d))
+      names = names[d * k:]
+  return out
+
+
 def _row(name, path, status, process, cfg, summary=None, error=""):
   summary = summary or {}
   return {"name": name, "status": status,
@@ -168,56 +211,145 @@ def merge_report(out):
   return [rows[n] for n in sorted(rows)]
 
 
+def _crash_message(e):
+  last = traceback.extract_tb(e.__traceback__)[-1]
+  msg = f"{type(e).__name__}: {e} ({os.path.basename(last.filename)}:{last.lineno})"
+  return msg.splitlines()[0]
+
+
+def _run_one(name, path, folder, cfg, process, kernel_path, method, show_progress):
+  """One image through :func:`kfjax.pipeline.run`; its report row (a failure recorded)."""
+  from kfjax import pipeline  # noqa: PLC0415 (imports JAX; --help stays fast)
+  t0 = time.time()
+  try:
+    summary = pipeline.run(path, cfg, folder, kernel_path=kernel_path,
+                           show_progress=show_progress, method=method)
+    return _row(name, path, "done", process, cfg, summary)
+  except loop.Stopped:
+    raise
+  except KfjaxError as e:
+    loop.log(f"FAILED {name}: {e}")
+    return _row(name, path, "failed", process, cfg, error=str(e))
+  except Exception as e:  # noqa: BLE001 - one image's crash must not end the batch
+    loop.log(f"FAILED {name}: {_crash_message(e)}")
+    return _row(name, path, "failed", process, cfg,
+                {"total_seconds": round(time.time() - t0, 2)}, _crash_message(e))
+
+
+def _run_group(names, devices, by_name, out, cfg, process, kernel_path, method, show_progress):
+  """Images of one size through both phases together; their report rows. An image that
+  fails to load is recorded; if the rest cannot run together (or their run fails), they
+  run one at a time, resuming from whatever the group checkpointed."""
+  from kfjax import phase1, phase2, pipeline, runtime  # noqa: PLC0415
+  rows, preps = [], []
+  for name in names:
+    path = by_name[name]
+    try:
+      preps.append(pipeline.prepare(path, cfg, os.path.join(out, name), kernel_path,
+                                    show_progress, method))
+    except KfjaxError as e:
+      loop.log(f"FAILED {name}: {e}")
+      rows.append(_row(name, path, "failed", process, cfg, error=str(e)))
+  kept = [os.path.basename(p.workdir) for p in preps]
+  try:
+    if len(preps) < 2:
+      raise NotTogether("one image")
+    if len({p.lr.shape for p in preps}) > 1:
+      raise NotTogether("images of different shapes")
+    devices = max(d for d in range(1, devices + 1) if len(preps) % d == 0)
+    mesh = runtime.image_mesh(devices) if devices > 1 else None
+    lr = np.stack([p.lr for p in preps])
+    dirs = [p.workdir for p in preps]
+    loop.log(f"{len(preps)} images of {lr.shape[2]}x{lr.shape[1]} together on {devices} "
+             f"device(s): {', '.join(kept)}")
+    t0 = time.time()
+    if cfg.sample.prior == "dip":
+      pd_model = pd_params = None
+      p1s = [{"steps": 0, "restored_step": None, "final_loss": None,
+              "skipped": "sample.prior=dip"} for _ in preps]
+    else:
+      pd_model, pd_params, p1s = phase1.train_group(cfg, lr, dirs, mesh, show_progress)
+    t1 = time.time()
+    results = phase2.run_group(cfg, pd_model, pd_params, lr, int(cfg.scale), preps[0].fixed,
+                               dirs, [(phase1.fingerprint(cfg, p.lr),) for p in preps], mesh,
+                               show_progress)
+    t2 = time.time()
+    group = {"images": len(preps), "devices": devices, "per_device": len(preps) // devices,
+             "names": kept}
+    for prep, name, p1, (hr, kernel, p2) in zip(preps, kept, p1s, results):
+      summary = pipeline.write_outputs(prep, cfg, hr, kernel, {**p1, "seconds": round(t1 - t0, 2)},
+                                       {**p2, "seconds": round(t2 - t1, 2)}, method, group)
+      rows.append(_row(name, prep.image_path, "done", process, cfg, summary))
+    return rows
+  except loop.Stopped:
+    raise
+  except Exception as e:  # noqa: BLE001 - the images then run one at a time
+    if len(preps) > 1:
+      why = str(e) if isinstance(e, (NotTogether, KfjaxError)) else _crash_message(e)
+      loop.log(f"these {len(preps)} images run one at a time ({why})")
+  recorded = {r["name"] for r in rows}
+  for prep, name in zip(preps, kept):
+    if name in recorded:
+      continue
+    rows.append(_run_one(name, prep.image_path, prep.workdir, cfg, process, kernel_path,
+                         method, show_progress))
+  return rows
+
+
 def run(paths, cfg, out, *, kernel_path=None, method="kernelfusion", show_progress=True,
-        process=0, num_processes=1):
+        process=0, num_processes=1, per_device=1):
   """Run every image of ``paths`` (from :func:`expand`) that belongs to this process
   (``process`` of ``num_processes``) into ``OUT/<name>/``; returns ``(rows of this
   process, merged rows)``.
 
-  A failing image is recorded (status ``failed`` with its one-line error) and the rest go
-  on; :class:`kfjax.loop.Stopped` (SIGTERM) ends the batch after the current image's
+  Images of one size run together over this process's devices, ``per_device`` on each
+  (:func:`plan_groups`; ``kernelfusion`` with one sample per image: other runs go one at
+  a time). A failing image is recorded (status ``failed`` with its one-line error) and
+  the rest go on; :class:`kfjax.loop.Stopped` (SIGTERM) ends the batch after the current
   checkpoint, with this process's part and the report written.
   """
-  from kfjax import pipeline  # noqa: PLC0415 (imports JAX; --help stays fast)
+  import jax  # noqa: PLC0415 (imports JAX; --help stays fast)
   names = unique_names(paths)
   try:
     os.makedirs(out, exist_ok=True)
   except OSError as e:
     raise KfjaxError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
   by_name = {n: p for p, n in names.items()}
-  costs = {n: estimate_cost(cfg, image_size(p)) for n, p in by_name.items()}
+  sizes = {n: image_size(p) for n, p in by_name.items()}
+  costs = {n: estimate_cost(cfg, sizes[n]) for n in by_name}
   mine = shares(costs, num_processes)[process]
+  devices = jax.local_device_count()
+  together = (devices * per_device > 1 and method == "kernelfusion"
+              and int(cfg.sample.num_samples) == 1)
   loop.log(f"{len(paths)} images, {len(mine)} for process {process} of {num_processes}"
+           f"{f' ({devices} devices, up to {per_device} images each)' if together else ''}"
            f" -> {os.path.abspath(out)}")
   rows = []
   bar = tqdm.tqdm(total=len(mine), desc=f"images (process {process})", unit="image",
                   disable=not show_progress, dynamic_ncols=True, position=0)
   try:
+    pending = []
     for name in mine:
-      path, folder = by_name[name], os.path.join(out, name)
-      summary = finished(folder, path)
+      summary = finished(os.path.join(out, name), by_name[name])
       if summary is not None:
-        rows.append(_row(name, path, "skipped", process, cfg, summary))
+        rows.append(_row(name, by_name[name], "skipped", process, cfg, summary))
+        bar.update(1)
       else:
-        loop.raise_if_stopped()
-        t0 = time.time()
-        try:
-          summary = pipeline.run(path, cfg, folder, kernel_path=kernel_path,
-                                 show_progress=show_progress, method=method)
-          rows.append(_row(name, path, "done", process, cfg, summary))
-        except loop.Stopped:
-          raise
-        except KfjaxError as e:
-          rows.append(_row(name, path, "failed", process, cfg, error=str(e)))
-          loop.log(f"FAILED {name}: {e}")
-        except Exception as e:  # noqa: BLE001 - one image's crash must not end the batch
-          last = traceback.extract_tb(e.__traceback__)[-1]
-          msg = f"{type(e).__name__}: {e} ({os.path.basename(last.filename)}:{last.lineno})"
-          rows.append(_row(name, path, "failed", process, cfg,
-                           {"total_seconds": round(time.time() - t0, 2)}, msg.splitlines()[0]))
-          loop.log(f"FAILED {name}: {msg.splitlines()[0]}")
+        pending.append(name)
+    _save_part(out, process, rows)
+    keys = {n: ((sizes[n], checkpoint_progress(os.path.join(out, n)))
+                if together and sizes[n] is not None else None) for n in pending}
+    for group, group_devices in plan_groups(keys, devices, per_device):
+      loop.raise_if_stopped()
+      if len(group) == 1:
+        name = group[0]
+        rows.append(_run_one(name, by_name[name], os.path.join(out, name), cfg, process,
+                             kernel_path, method, show_progress))
+      else:
+        rows += _run_group(group, group_devices, by_name, out, cfg, process, kernel_path,
+                           method, show_progress)
       _save_part(out, process, rows)
-      bar.update(1)
+      bar.update(len(group))
   finally:
     bar.close()
     _save_part(out, process, rows)

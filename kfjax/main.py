@@ -40,6 +40,10 @@ _COORDINATOR = flags.DEFINE_string(
     "cluster is not auto-detected (with --num_processes and --process_id).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a --distributed run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a --distributed run.")
+_PER_DEVICE = flags.DEFINE_integer(
+    "images_per_device", 1, "--images of the same size run together: spread over this "
+    "process's devices, this many vmapped on each (on accelerators, more images per device "
+    "keep it busier; one image at a time is the default on a single CPU).", lower_bound=1)
 _SCALE = flags.DEFINE_integer("scale", None, "Integer upscaling factor (>= 2); default: the preset's.",
                               lower_bound=2)
 _WORKDIR = flags.DEFINE_string("workdir", None,
@@ -80,6 +84,8 @@ def main(argv):
     _fail("--image and --images exclude each other")
   if _IMAGES.value and not _WORKDIR.value:
     _fail("--images needs --workdir (the folder that gets one subfolder per image)")
+  if _PER_DEVICE.present and not _IMAGES.value:
+    _fail("--images_per_device groups --images; it needs --images")
   if (_DISTRIBUTED.value or _COORDINATOR.value is not None) and not _IMAGES.value:
     _fail("--distributed shares --images over processes; it needs --images")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
@@ -141,7 +147,8 @@ def _main_batch(cfg):
       ops.conv_backward()
       rows, merged = batch.run(paths, cfg, out, kernel_path=_KERNEL.value,
                                method=_METHOD.value, show_progress=not _QUIET.value,
-                               process=process, num_processes=count)
+                               process=process, num_processes=count,
+                               per_device=_PER_DEVICE.value)
     finally:  # (however this process ends, process 0 outlives the others)
       distributed_lib.finish(process, count, log=loop.log)
   if process == 0 and count > 1:  # the others' final parts are in now

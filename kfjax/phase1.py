@@ -24,6 +24,7 @@ from kfjax import loop
 from kfjax import runtime
 from kfjax import schedule as sch
 from kfjax.errors import KfjaxError
+from kfjax.errors import NotTogether
 from kfjax.models import pd as pd_lib
 
 
@@ -94,16 +95,16 @@ def draw_levels(key, n, t_max):
   return jax.random.randint(key, (n,), 1, t_max + 1)
 
 
-def make_train_chunk(cfg, model, sched, tx, image, steps):
-  """Returns ``chunk(state) -> (state, losses[steps])``, jitted; ``image`` in [−1, 1]."""
-  padded = pd_lib.pad_halo(jnp.asarray(image, jnp.float32))
-  size = crop_size(cfg, image.shape) + 2 * pd_lib.HALO
-  max_y = padded.shape[0] - size
-  max_x = padded.shape[1] - size
+def _make_step(cfg, model, sched, tx, image_shape):
+  """``one_step(state, padded) -> (state, loss)``: one optimiser step on crops of
+  ``padded`` (the image padded by the halo, :func:`kfjax.models.pd.pad_halo`)."""
+  size = crop_size(cfg, image_shape) + 2 * pd_lib.HALO
+  max_y = image_shape[0] + 2 * pd_lib.HALO - size
+  max_x = image_shape[1] + 2 * pd_lib.HALO - size
   batch_size = cfg.train.batch_size
   num_t = max_level(cfg, sched)
 
-  def sample_batch(rng):
+  def sample_batch(rng, padded):
     ky, kx, kt, kn = jax.random.split(rng, 4)
     ys = jax.random.randint(ky, (batch_size,), 0, max_y + 1)
     xs = jax.random.randint(kx, (batch_size,), 0, max_x + 1)
@@ -113,20 +114,48 @@ def make_train_chunk(cfg, model, sched, tx, image, steps):
     noise = jax.random.normal(kn, batch.shape)
     return batch, t, noise
 
-  def one_step(state, _):
+  def one_step(state, padded):
     rng = jax.random.fold_in(state.rng, state.step)
-    batch, t, noise = sample_batch(rng)
+    batch, t, noise = sample_batch(rng, padded)
     loss, grads = jax.value_and_grad(lambda p: loss_fn(model, sched, p, batch, t, noise))(
         state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return PDState(state.step + 1, params, opt_state, state.rng), loss
 
+  return one_step
+
+
+def make_train_chunk(cfg, model, sched, tx, image, steps):
+  """Returns ``chunk(state) -> (state, losses[steps])``, jitted; ``image`` in [−1, 1]."""
+  padded = pd_lib.pad_halo(jnp.asarray(image, jnp.float32))
+  one_step = _make_step(cfg, model, sched, tx, image.shape)
+
   @runtime.jit
   def chunk(state):
-    return jax.lax.scan(one_step, state, length=steps)
+    return jax.lax.scan(lambda s, _: one_step(s, padded), state, length=steps)
 
   return chunk
+
+
+def make_group_chunk(cfg, model, sched, tx, image_shape, steps, mesh=None):
+  """``chunk(states, images) -> (states, losses[G, steps])``, jitted, for ``G`` images of
+  one shape ``image_shape`` trained together: every leaf of ``states`` and ``images``
+  (G, h, w, C in [−1, 1]) has a leading image axis. The step is vmapped over the images;
+  with ``mesh`` (:func:`kfjax.runtime.image_mesh`) the images are split over its devices
+  first (``shard_map``, no collectives: each image's training is its own). Image ``n``
+  follows exactly the steps of :func:`make_train_chunk` on that image alone."""
+  one_step = _make_step(cfg, model, sched, tx, image_shape)
+
+  def per_image(state, image):
+    padded = pd_lib.pad_halo(image)
+    return jax.lax.scan(lambda s, _: one_step(s, padded), state, length=steps)
+
+  body = jax.vmap(per_image)
+  if mesh is not None:
+    body = runtime.over_images(body, mesh, in_specs=(runtime.IMAGES, runtime.IMAGES),
+                               out_specs=(runtime.IMAGES, runtime.IMAGES))
+  return runtime.jit(body)
 
 
 def fingerprint(cfg, lr_image):
@@ -189,3 +218,70 @@ def train(cfg, lr_image, workdir=None, show_progress=True):
       saver.wait()
   info["final_loss"] = last["loss"]
   return model, state.params, info
+
+
+def train_group(cfg, lr_images, workdirs, mesh=None, show_progress=True):
+  """:func:`train` for ``G`` same-size images together (:func:`make_group_chunk`).
+
+  ``lr_images`` (G, h, w, C) in [−1, 1]; ``workdirs`` one per image: image ``n``'s
+  checkpoints are exactly those :func:`train` keeps for it alone. Returns ``(model,
+  params, infos)``: the parameters with a leading image axis, one info per image.
+  Raises :class:`kfjax.errors.NotTogether` when the images' checkpoints are at different
+  steps (the caller then runs them one at a time).
+  """
+  lr_images = np.asarray(lr_images, np.float32)
+  g, shape = lr_images.shape[0], lr_images.shape[1:]
+  model = make_model(cfg, shape[-1])
+  sched = sch.from_config(cfg)
+  tx = make_optimizer(cfg)
+  # Every image starts from the state a single run starts from (the same seed).
+  one = runtime.jit(lambda k: init_state(cfg, model, tx, shape, k))(jax.random.key(cfg.seed))
+  total = int(cfg.train.steps)
+  savers = []
+  for n, workdir in enumerate(workdirs):
+    fp = fingerprint(cfg, lr_images[n])
+    saver = ckpt.PhaseCheckpoint(workdir, "pd", fp)
+    if saver.stored_fingerprint() not in (None, fp):
+      raise KfjaxError(
+          f"{workdir} holds a patch-diffusion model trained on another image or config; "
+          "use another --workdir (or delete its checkpoints/ folder)")
+    savers.append(saver)
+  steps = [saver.latest_step() for saver in savers]
+  if len(set(steps)) > 1:
+    raise NotTogether(f"phase 1 checkpoints at different steps: {steps}")
+  start = steps[0] if steps else None
+  states = [one] * g if start is None else [saver.restore(start, one) for saver in savers]
+  state = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+  infos = [{"steps": total, "restored_step": None if start is None else int(start),
+            "final_loss": None} for _ in range(g)]
+  if start is not None and show_progress:
+    loop.log(f"restored patch diffusion of {g} images at step {start}/{total}")
+  done = int(start or 0)
+  if done >= total:
+    return model, state.params, infos
+
+  chunk_len = loop.chunk_size(total, int(cfg.train.steps_per_chunk))
+  chunk = make_group_chunk(cfg, model, sched, tx, shape, chunk_len, mesh)
+  images = jnp.asarray(lr_images)
+  every = max(int(cfg.train.checkpoint_every), chunk_len)
+  bar = tqdm.tqdm(total=total, initial=done, desc=f"phase 1 (patch diffusion, {g} images)",
+                  unit="step", disable=not show_progress, dynamic_ncols=True)
+
+  def report(losses, at):
+    for n, info in enumerate(infos):
+      info["final_loss"] = loop.finite(losses[n], f"phase 1 loss of image {n}", f"step {at}")
+    return {"loss": f"{np.mean([i['final_loss'] for i in infos]):.4f}"}
+
+  def after(state, at, stop):
+    if savers and (at % every < chunk_len or at >= total or stop):
+      host = ckpt.to_host(state)
+      for n, saver in enumerate(savers):
+        saver.save(at, jax.tree.map(lambda a: a[n], host))
+  try:
+    state, _ = loop.run_chunks(lambda st: chunk(st, images), state, done=done, total=total,
+                               length=chunk_len, bar=bar, report=report, after=after, lag=True)
+  finally:
+    bar.close()
+    for saver in savers:
+      saver.wait()
+  return model, state.params, infos

@@ -49,6 +49,7 @@ from kfjax import resize
 from kfjax import restore
 from kfjax import runtime
 from kfjax import schedule as sch
+from kfjax.errors import NotTogether
 from kfjax.models import kernel_net
 from kfjax.models import pd as pd_lib
 from kfjax.models import unet as unet_lib
@@ -124,8 +125,9 @@ def register_prior(name):
   """Class decorator: ``sample.prior = name`` selects the class. A prior gets the
   :class:`Phase2` it serves and provides ``networks`` (the U-Net parameter sets it
   trains), ``start(x0, key) -> (x, x0)`` (the initial state from the bicubic upscale),
-  ``forward(params, x, x0, t, s, xi, lr_image) -> (loss, (x, x0, cons_a, cons_b, com))``
-  (one iteration's loss; the aux's ``x``/``x0`` become the state's at a step's end)
+  ``forward(params, x, x0, t, s, xi, lr_image, pd_params) -> (loss, (x, x0, cons_a, cons_b,
+  com))`` (one iteration's loss; the aux's ``x``/``x0`` become the state's at a step's end;
+  ``pd_params`` None: the PD the :class:`Phase2` was built with)
   and ``result(params, x0)`` (the HR image of a finished state)."""
   def register(cls):
     PRIORS[name] = cls
@@ -145,12 +147,12 @@ class DiffusionPrior:
   def start(self, x0, key):
     return sch.q_sample(self.p2.sched, x0, self.p2.ts[0], jax.random.normal(key, x0.shape)), x0
 
-  def forward(self, params, x, x0, t, s, xi, lr_image):
+  def forward(self, params, x, x0, t, s, xi, lr_image, pd_params=None):
     p2 = self.p2
     k = p2.kernel(params)
     a = p2.unet_apply(params, x0)
     x_s = sch.posterior_sample(p2.sched, a, x, t, s, xi, float(p2.cfg.sample.eta))
-    v = p2.pd_apply(x_s, s)
+    v = p2.pd_apply(x_s, s, pd_params)
     b = p2.unet_apply(params, sch.x0_from_v(p2.sched, x_s, s, v), self.networks[-1])
     loss, cons_a, cons_b, com = p2.loss(k, a, b, lr_image)
     return loss, (x_s, b, cons_a, cons_b, com)
@@ -181,8 +183,8 @@ class DipPrior:
       x0 = jax.random.uniform(key, x0.shape, jnp.float32, -0.1, 0.1)
     return x0, x0
 
-  def forward(self, params, x, x0, t, s, xi, lr_image):
-    del t, s, xi
+  def forward(self, params, x, x0, t, s, xi, lr_image, pd_params=None):
+    del t, s, xi, pd_params
     p2 = self.p2
     a = p2.unet_apply(params, x0)
     loss, cons_a, cons_b, com = p2.loss(p2.kernel(params), a, a, lr_image)
@@ -224,17 +226,20 @@ class Phase2:
     out, _ = self.unet.apply(params[which], x[None], mutable=["batch_stats"])
     return out[0]
 
-  def pd_apply(self, x, t):
+  def pd_apply(self, x, t, pd_params=None):
+    """PD's v-prediction for ``x`` at level ``t``, with ``pd_params`` (one image's PD in a
+    group, :func:`run_group`) or the PD this object was built with."""
+    pd_params = self.pd_params if pd_params is None else pd_params
     tile = int(self.cfg.sample.pd_tile)
     if tile:
-      return pd_lib.apply_tiled(self.pd_model, self.pd_params, x, t, tile,
+      return pd_lib.apply_tiled(self.pd_model, pd_params, x, t, tile,
                                 int(self.cfg.sample.pd_tile_batch) or None)
-    return pd_lib.apply_whole(self.pd_model, self.pd_params, x[None], jnp.full((1,), t))[0]
+    return pd_lib.apply_whole(self.pd_model, pd_params, x[None], jnp.full((1,), t))[0]
 
-  def forward(self, params, x, x0, t, s, xi, lr_image):
+  def forward(self, params, x, x0, t, s, xi, lr_image, pd_params=None):
     """One iteration's loss and aux ``(x, x0, cons_a, cons_b, com)`` (see :data:`PRIORS`):
     what ``jax.grad`` differentiates in :meth:`make_chunk`."""
-    return self.prior.forward(params, x, x0, t, s, xi, lr_image)
+    return self.prior.forward(params, x, x0, t, s, xi, lr_image, pd_params)
 
   def loss(self, k, a, b, lr_image):
     """``mse(I_LR, (a*k)↓s) + mse(I_LR, (b*k)↓s) + λ_com·COM(k)`` and its three terms."""
@@ -294,8 +299,9 @@ class Phase2:
     """How many of Phase 2's iterations ``state`` has behind it (host int)."""
     return self.iterations_before(int(state.step)) + int(state.it)
 
-  def make_chunk(self, iterations, batch=None):
-    """``chunk(state, lr_image, rng) -> (state, Phase2Metrics[iterations])``, jitted.
+  def make_chunk(self, iterations, batch=None, mesh=None):
+    """``chunk(state, lr_image, rng[, pd_params]) -> (state, Phase2Metrics[iterations])``,
+    jitted.
 
     Runs the next ``iterations`` Adam iterations of Phase 2, crossing reverse steps where
     a step's iterations run out (the last iteration of step ``i`` moves the state to
@@ -308,6 +314,12 @@ class Phase2:
     ``step`` (iterations,)). Only the per-image work is vmapped: the step and iteration
     counters and the timesteps stay shared. Image ``n`` of a batch follows exactly the
     path it would follow alone.
+
+    ``pd_params`` (with ``batch``: one PD per image, leading image axis) replaces the PD
+    the object was built with: a group of images, each with its own PD
+    (:func:`run_group`). ``mesh`` (:func:`kfjax.runtime.image_mesh`, with ``batch``) splits
+    the images over its devices (``shard_map``; each device vmaps its own, and only the
+    counters, the same on every device, are shared).
     """
     cfg = self.cfg.sample
     n_first, n_iter = int(cfg.n_iter_first), int(cfg.n_iter)
@@ -317,19 +329,22 @@ class Phase2:
                               schedule=cfg.lr_schedule)
     per_image = (lambda f, **_: f) if batch is None else jax.vmap
 
-    def update(params, opt_state, x, x0, xi, lr_image, lr, t, s):
+    def update(params, opt_state, x, x0, xi, lr_image, lr, t, s, pd_params):
       """One Adam iteration on one image."""
       (loss, aux), grads = jax.value_and_grad(
-          lambda p: self.forward(p, x, x0, t, s, xi, lr_image), has_aux=True)(params)
+          lambda p: self.forward(p, x, x0, t, s, xi, lr_image, pd_params), has_aux=True)(params)
       updates, opt_state = self.tx.update(grads, opt_state, params)
       params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
       return params, opt_state, (loss, aux)
 
-    update_all = per_image(update, in_axes=(0, 0, 0, 0, 0, 0, None, None, None))
+    def update_all(params, opt_state, x, x0, xi, lr_image, lr, t, s, pd_params):
+      pd_axis = None if pd_params is None else 0
+      return per_image(update, in_axes=(0, 0, 0, 0, 0, 0, None, None, None, pd_axis))(
+          params, opt_state, x, x0, xi, lr_image, lr, t, s, pd_params)
     draw = lambda key, x, i: jax.random.normal(jax.random.fold_in(key, i), x.shape)
 
     def iteration(carry, _):
-      state, lr_image, rng = carry
+      state, lr_image, rng, pd_params = carry
       i, j = state.step, state.it
       t, s = self.ts[i], self.ts[i + 1]
       # One noise draw ξ per reverse step, made at its first iteration and kept in the
@@ -337,19 +352,32 @@ class Phase2:
       xi = jax.lax.cond(j == 0, lambda: per_image(draw, in_axes=(0, 0, None))(rng, state.x, i),
                         lambda: state.xi)
       params, opt_state, (loss, (x_s, b, ca, cb, com)) = update_all(
-          state.params, state.opt_state, state.x, state.x0, xi, lr_image, lr_at(i, j), t, s)
+          state.params, state.opt_state, state.x, state.x0, xi, lr_image, lr_at(i, j), t, s,
+          pd_params)
       # The step's last iteration moves on: x ← x_s and x0 ← b of that iteration.
       last = j + 1 >= jnp.where(i == 0, n_first, n_iter)
       x, x0 = jax.lax.cond(last, lambda: (x_s, b), lambda: (state.x, state.x0))
       new = Phase2State(jnp.where(last, i + 1, i), jnp.where(last, 0, j + 1), params,
                         opt_state, x, x0, xi)
-      return (new, lr_image, rng), Phase2Metrics(s, loss, ca, cb, com, i)
+      return (new, lr_image, rng, pd_params), Phase2Metrics(s, loss, ca, cb, com, i)
+
+    def scan(state, lr_image, rng, pd_params):
+      (state, *_), metrics = jax.lax.scan(iteration, (state, lr_image, rng, pd_params),
+                                          length=iterations)
+      return state, metrics
+
+    if mesh is not None:
+      img, shared = runtime.IMAGES, runtime.SHARED
+      state_spec = Phase2State(shared, shared, img, img, img, img, img)
+      per_iter = jax.sharding.PartitionSpec(None, "images")
+      scan = runtime.over_images(
+          scan, mesh, in_specs=(state_spec, img, img, img),
+          out_specs=(state_spec, Phase2Metrics(shared, per_iter, per_iter, per_iter, per_iter,
+                                               shared)))
 
     @runtime.jit
-    def chunk(state, lr_image, rng):
-      (state, _, _), metrics = jax.lax.scan(iteration, (state, lr_image, rng),
-                                            length=iterations)
-      return state, metrics
+    def chunk(state, lr_image, rng, pd_params=None):
+      return scan(state, lr_image, rng, pd_params)
 
     return chunk
 
@@ -539,6 +567,116 @@ def run(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, workdir=No
     hr, kernel, extra = finish_output(cfg, lr_image, hr, kernel, scale, fixed_kernel is None)
     info.update(extra)
   return hr, kernel, info
+
+
+def image_slice(state, n):
+  """Image ``n`` of a group's state (every leaf but the shared counters has a leading
+  image axis): a single image's state, as :func:`run` would hold it."""
+  pick = lambda tree: jax.tree.map(lambda a: a[n], tree)
+  return state._replace(params=pick(state.params), opt_state=pick(state.opt_state),
+                        x=state.x[n], x0=state.x0[n], xi=state.xi[n])
+
+
+def stack_states(states):
+  """The inverse of :func:`image_slice` over all images (their counters must agree)."""
+  stack = lambda *xs: jnp.stack(xs)
+  first = states[0]
+  return first._replace(**{f: jax.tree.map(stack, *[getattr(st, f) for st in states])
+                           for f in ("params", "opt_state", "x", "x0", "xi")})
+
+
+def run_group(cfg, pd_model, pd_params, lr_images, scale, fixed_kernel=None, workdirs=(),
+              fingerprint_parts=(), mesh=None, show_progress=True):
+  """:func:`run` for ``G`` same-size images together, each with its own PD.
+
+  ``lr_images`` (G, h, w, C) in [−1, 1]; ``pd_params`` PD parameters with a leading image
+  axis (:func:`kfjax.phase1.train_group`); ``workdirs`` and ``fingerprint_parts`` (each a
+  tuple) one per image: image ``n``'s checkpoints are exactly those :func:`run` keeps for
+  it alone, so a group resumes what single runs began and the other way round. The images
+  go through one program (:meth:`Phase2.make_chunk` with ``batch``, split over ``mesh``'s
+  devices); image ``n`` follows the path it follows alone (``sample.num_samples = 1``).
+  Returns one ``(hr, kernel, info)`` per image, finished as :func:`run` finishes them.
+  Raises :class:`kfjax.errors.NotTogether` when the images' checkpoints are at different
+  places (the caller then runs them one at a time).
+  """
+  if int(cfg.sample.num_samples) != 1:
+    raise NotTogether("sample.num_samples > 1 runs one image at a time")
+  lr_images = np.asarray(lr_images, np.float32)
+  g = lr_images.shape[0]
+  sched = sch.from_config(cfg)
+  p2 = Phase2(cfg, pd_model, pd_params, sched, lr_images.shape[1:], scale, fixed_kernel)
+  init_key, rng = sample_keys(int(cfg.seed), 1)
+  init_keys, rngs = (jnp.broadcast_to(k, (g,)) for k in (init_key, rng))
+  total = p2.total_iterations
+  mode = "nonblind" if fixed_kernel is not None else "blind"
+  chunk_len = loop.chunk_size(total, int(cfg.sample.iters_per_chunk))
+  chunk = p2.make_chunk(chunk_len, batch=g, mesh=mesh)
+  every = int(cfg.sample.checkpoint_every)
+  lr_in = jnp.asarray(lr_images)
+  state = runtime.jit(p2.init_batch)(lr_in, init_keys)
+  savers = []
+  for n, workdir in enumerate(workdirs):
+    fp = fingerprint(cfg, lr_images[n], scale, fixed_kernel, fingerprint_parts[n])
+    saver = ckpt.PhaseCheckpoint(workdir, "phase2", fp)
+    if saver.stored_fingerprint() not in (None, fp):
+      loop.log(f"discarding a phase 2 checkpoint made with other settings in {workdir}")
+      saver.reset()
+    savers.append(saver)
+  steps = [saver.latest_step() for saver in savers]
+  if len(set(steps)) > 1:
+    raise NotTogether(f"phase 2 checkpoints at different iterations: {steps}")
+  infos = [{"steps": p2.num_steps, "iterations": total, "mode": mode, "samples": 1,
+            "restored_step": None} for _ in range(g)]
+  if steps and steps[0] is not None:
+    like = image_slice(state, 0)
+    restored = [saver.restore(steps[0], like) for saver in savers]
+    state = stack_states(restored)
+    for info in infos:
+      info["restored_step"] = int(state.step)
+    if show_progress:
+      loop.log(f"resuming phase 2 of {g} images from reverse step {int(state.step)}/{p2.num_steps}")
+  done = p2.iterations_done(state)
+  bar = tqdm.tqdm(total=total, initial=done, desc=f"phase 2 ({mode}, {g} images)", unit="it",
+                  disable=not show_progress, dynamic_ncols=True)
+  saved = [int(state.step)]
+
+  def report(m, at):
+    loss = loop.finite(m.loss[-1], "phase 2 loss", f"iteration {at}")
+    return {"t": int(m.t[-1]), "loss": f"{loss:.5f}"}
+
+  def after(state, at, stop):
+    step = int(state.step)
+    if savers and (step // every > saved[0] // every or at >= total or stop):
+      host = ckpt.to_host(state)
+      for n, saver in enumerate(savers):
+        saver.save(at, image_slice(host, n))
+      saved[0] = step
+  try:
+    state, metrics = loop.run_chunks(lambda st: chunk(st, lr_in, rngs, pd_params), state,
+                                     done=done, total=total, length=chunk_len, bar=bar,
+                                     report=report, after=after)
+  finally:
+    bar.close()
+    for saver in savers:
+      saver.close()
+  for n, (saver, info) in enumerate(zip(savers, infos)):
+    if metrics is not None:
+      final = {f: [float(np.asarray(getattr(metrics, f)[-1], np.float64)[n])]
+               for _, f in _FINAL_LOSSES}
+      saver.save_extra(final_metrics=final)
+    else:
+      final = saver.extra("final_metrics")
+    if final is not None:
+      info.update({key: float(final[field][0]) for key, field in _FINAL_LOSSES})
+  hrs, kernels = jax.vmap(lambda params, x0: p2.result(state._replace(params=params, x0=x0)))(
+      state.params, state.x0)
+  hrs, kernels = np.asarray(hrs), np.asarray(kernels)
+  out = []
+  for n in range(g):
+    hr, kernel, extra = finish_output(cfg, lr_images[n], hrs[n], kernels[n], scale,
+                                      fixed_kernel is None)
+    out.append((hr, kernel, {**infos[n], **extra}))
+  return out
 
 
 def finish_kernel(cfg, kernel, scale):

@@ -16,6 +16,7 @@ import json
 import os
 import time
 import warnings
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -77,18 +78,24 @@ def validate_config(cfg):
       raise KfjaxError(msg)
 
 
-def run(image_path, cfg, workdir, kernel_path=None, show_progress=True, method="kernelfusion"):
-  """Run KernelFusion on one image file and write every output into ``workdir``.
+class Prepared(NamedTuple):
+  """One image loaded and checked, its workdir ready (:func:`prepare`)."""
+  image_path: str
+  workdir: str
+  image: np.ndarray        # (h, w, C) in [0, 1]
+  info: Any                # kfjax.io's ImageInfo
+  lr: np.ndarray           # the image in [−1, 1], what both phases see
+  fixed: Optional[np.ndarray]  # the kernel of a non-blind run (given or KernelGAN's)
+  kernelgan: Optional[dict]
+  started: float
 
-  Outputs: ``sr.png``, ``kernel.npy``, ``kernel.png``, ``bicubic.png``,
-  ``config.json``, ``summary.json``. Returns the summary dict.
 
-  ``method="kernelgan"`` estimates the kernel with KernelGAN (``kfjax.kernelgan``,
-  ``cfg.kernelgan``) and then runs the non-blind Phase 2 with it (Phase 1 still trains
-  PD, which Phase 2 needs). With ``sample.prior = "dip"`` Phase 1 is skipped (no PD).
-  """
-  t_start = time.time()
-  validate_config(cfg)
+def prepare(image_path, cfg, workdir, kernel_path=None, show_progress=True,
+            method="kernelfusion"):
+  """Everything of :func:`run` before the phases: load and check the image (and kernel),
+  make the workdir, write ``config.json`` and ``bicubic.png``, estimate KernelGAN's kernel
+  for ``method="kernelgan"``. ``cfg`` must be validated (:func:`validate_config`)."""
+  started = time.time()
   if method not in METHODS:
     raise KfjaxError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
   if method == "kernelgan" and kernel_path:
@@ -119,8 +126,62 @@ def run(image_path, cfg, workdir, kernel_path=None, show_progress=True, method="
   if method == "kernelgan":
     log(f"estimating the kernel with KernelGAN ({cfg.kernelgan.iterations} iterations)")
     fixed, kg_info = kernelgan.estimate_kernel(img, scale, cfg, show_progress)
+  return Prepared(image_path, workdir, img, info, img * 2.0 - 1.0, fixed, kg_info, started)
 
-  lr_m = img * 2.0 - 1.0
+
+def write_outputs(prep, cfg, hr, kernel, p1, p2, method="kernelfusion", group=None):
+  """Everything of :func:`run` after the phases: ``sr.png``, ``kernel.npy``,
+  ``kernel.png`` and ``summary.json`` (written last: its presence marks a finished run).
+  ``p1``/``p2`` are the phases' infos with their ``seconds``; ``group`` describes the
+  images this one ran with (:mod:`kfjax.batch`). Returns the summary dict."""
+  workdir, info = prep.workdir, prep.info
+  sr = np.clip((hr + 1.0) / 2.0, 0.0, 1.0)
+  kernel = kernel_net.export_kernel(kernel)
+  paths = {name: os.path.join(workdir, name) for name in
+           ("sr.png", "kernel.npy", "kernel.png", "summary.json")}
+  kio.save_image(paths["sr.png"], sr, bit_depth=info.bit_depth)
+  kio.save_array_atomic(paths["kernel.npy"], kernel)
+  kio.save_kernel_png(paths["kernel.png"], kernel)
+  summary = {
+      "image": os.path.abspath(prep.image_path),
+      "preset": cfg.name,
+      "method": method,
+      "device": device_description(),
+      "mode": p2["mode"],
+      "scale": int(cfg.scale),
+      "lr_size": [info.height, info.width, info.channels],
+      "sr_size": list(sr.shape),
+      "bit_depth": info.bit_depth,
+      "kernel_size": int(kernel.shape[0]),
+      "phase1": p1,
+      "phase2": p2,
+      "total_seconds": round(time.time() - prep.started, 2),
+      "sr_path": os.path.abspath(paths["sr.png"]),
+      "kernel_path": os.path.abspath(paths["kernel.npy"]),
+  }
+  if prep.kernelgan is not None:
+    summary["kernelgan"] = prep.kernelgan
+  if group is not None:
+    summary["group"] = group
+  kio.save_text_atomic(paths["summary.json"], json.dumps(summary, indent=2))
+  log(f"done in {summary['total_seconds']:.1f} s (phase 1 {p1['seconds']:.1f} s, phase 2 "
+      f"{p2['seconds']:.1f} s); outputs in {os.path.abspath(workdir)}")
+  return summary
+
+
+def run(image_path, cfg, workdir, kernel_path=None, show_progress=True, method="kernelfusion"):
+  """Run KernelFusion on one image file and write every output into ``workdir``.
+
+  Outputs: ``sr.png``, ``kernel.npy``, ``kernel.png``, ``bicubic.png``,
+  ``config.json``, ``summary.json``. Returns the summary dict.
+
+  ``method="kernelgan"`` estimates the kernel with KernelGAN (``kfjax.kernelgan``,
+  ``cfg.kernelgan``) and then runs the non-blind Phase 2 with it (Phase 1 still trains
+  PD, which Phase 2 needs). With ``sample.prior = "dip"`` Phase 1 is skipped (no PD).
+  """
+  validate_config(cfg)
+  prep = prepare(image_path, cfg, workdir, kernel_path, show_progress, method)
+  lr_m = prep.lr
   t0 = time.time()
   if cfg.sample.prior == "dip":
     pd_model = pd_params = None
@@ -128,38 +189,9 @@ def run(image_path, cfg, workdir, kernel_path=None, show_progress=True, method="
   else:
     pd_model, pd_params, p1 = phase1.train(cfg, lr_m, workdir, show_progress)
   t1 = time.time()
-  hr, kernel, p2 = phase2.run(cfg, pd_model, pd_params, lr_m, scale, fixed, workdir,
-                              fingerprint_parts=(phase1.fingerprint(cfg, lr_m),),
+  hr, kernel, p2 = phase2.run(cfg, pd_model, pd_params, lr_m, int(cfg.scale), prep.fixed,
+                              workdir, fingerprint_parts=(phase1.fingerprint(cfg, lr_m),),
                               show_progress=show_progress)
   t2 = time.time()
-
-  sr = np.clip((hr + 1.0) / 2.0, 0.0, 1.0)
-  kernel = kernel_net.export_kernel(kernel)
-  paths = {name: os.path.join(workdir, name) for name in
-           ("sr.png", "kernel.npy", "kernel.png", "bicubic.png", "config.json", "summary.json")}
-  kio.save_image(paths["sr.png"], sr, bit_depth=info.bit_depth)
-  kio.save_array_atomic(paths["kernel.npy"], kernel)
-  kio.save_kernel_png(paths["kernel.png"], kernel)
-  summary = {
-      "image": os.path.abspath(image_path),
-      "preset": cfg.name,
-      "method": method,
-      "device": device_description(),
-      "mode": p2["mode"],
-      "scale": scale,
-      "lr_size": [info.height, info.width, info.channels],
-      "sr_size": list(sr.shape),
-      "bit_depth": info.bit_depth,
-      "kernel_size": int(kernel.shape[0]),
-      "phase1": {**p1, "seconds": round(t1 - t0, 2)},
-      "phase2": {**p2, "seconds": round(t2 - t1, 2)},
-      "total_seconds": round(time.time() - t_start, 2),
-      "sr_path": os.path.abspath(paths["sr.png"]),
-      "kernel_path": os.path.abspath(paths["kernel.npy"]),
-  }
-  if kg_info is not None:
-    summary["kernelgan"] = kg_info
-  kio.save_text_atomic(paths["summary.json"], json.dumps(summary, indent=2))
-  log(f"done in {summary['total_seconds']:.1f} s (phase 1 {t1 - t0:.1f} s, phase 2 {t2 - t1:.1f} s); "
-      f"outputs in {os.path.abspath(workdir)}")
-  return summary
+  return write_outputs(prep, cfg, hr, kernel, {**p1, "seconds": round(t1 - t0, 2)},
+                       {**p2, "seconds": round(t2 - t1, 2)}, method)

@@ -71,3 +71,30 @@ def use_compile_cache(path):
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
   return path
+
+
+# Several images at once over a host's devices: the ``images`` axis of a mesh of local
+# devices. Each device runs its own images' steps, so nothing crosses devices inside a
+# step (no collectives): the mesh only places the work.
+IMAGES = jax.sharding.PartitionSpec("images")
+SHARED = jax.sharding.PartitionSpec()
+
+
+def image_mesh(num_devices):
+  """A 1-D mesh named ``images`` over the first ``num_devices`` local devices (local:
+  in a multi-process run each process keeps to its own devices). Its axis is ``Auto``
+  (``jax.make_mesh`` would make it ``Explicit``, whose sharding-in-types rules the
+  ``shard_map`` programs here do not need)."""
+  import numpy as np  # noqa: PLC0415
+  devices = jax.local_devices()[:num_devices]
+  return jax.sharding.Mesh(np.array(devices), ("images",),
+                           axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def over_images(fun, mesh, in_specs, out_specs):
+  """``fun`` (which handles a block of images, e.g. vmapped) run on each device of
+  ``mesh`` with its share of the images (leaves with spec :data:`IMAGES`) and every
+  :data:`SHARED` leaf whole. Values that ``fun`` returns as :data:`SHARED` must be the
+  same on every device (e.g. step counters), so they are not checked (``check_vma``)."""
+  return jax.shard_map(fun, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=False)

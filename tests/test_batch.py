@@ -220,6 +220,76 @@ def test_batch_bad_input_gives_one_line(images, tmp_path, args, needle):
   assert needle in res.stderr, res.stderr[-2000:]
 
 
+# -- several images per program ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def grouped_run(tmp_path_factory):
+  """Eight same-size images and one of another size, ``--images_per_device 2`` on 4
+  simulated CPU devices: the eight run as one group (4 devices × 2 vmapped)."""
+  root = tmp_path_factory.mktemp("grouped")
+  d = root / "imgs"
+  os.makedirs(d)
+  photo = skimage.data.astronaut().astype(np.float64) / 255.0
+  for i in range(8):
+    kio.save_image(str(d / f"s{i}.png"), photo[40 + 50 * i:56 + 50 * i, 180:196])
+  kio.save_image(str(d / "wide.png"), photo[200:216, 300:324])
+  out = str(root / "out")
+  res = _cli("--images", str(d), "--workdir", out, "--images_per_device", "2", *TINY,
+             env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4 "
+                               "--xla_backend_optimization_level=0"})
+  return d, root, out, res
+
+
+def test_same_size_images_run_together_over_four_devices(grouped_run):
+  _, _, out, res = grouped_run
+  assert res.returncode == 0, res.stderr[-3000:]
+  rows = _report(out)
+  assert sorted(rows) == [f"s{i}" for i in range(8)] + ["wide"]
+  assert {r["status"] for r in rows.values()} == {"done"}
+  for i in range(8):
+    with open(os.path.join(out, f"s{i}", "summary.json")) as f:
+      group = json.load(f)["group"]
+    assert (group["images"], group["devices"], group["per_device"]) == (8, 4, 2)
+  with open(os.path.join(out, "wide", "summary.json")) as f:
+    assert "group" not in json.load(f)      # the odd size runs alone, never padded
+
+
+@pytest.mark.parametrize("name", ["s0", "s5"])
+def test_an_image_of_a_group_matches_its_single_run(grouped_run, name, tmp_path):
+  """To float tolerance: Phase 1 agrees to rounding; Phase 2's Adam turns rounding in
+  near-zero gradients (conv biases before BatchNorm) into up to ``lr`` per iteration
+  (see tests/test_throughput.py), so its images agree closely, not bit for bit."""
+  d, _, out, _ = grouped_run
+  wd = str(tmp_path / name)
+  res = _cli("--image", str(d / f"{name}.png"), "--workdir", wd, *TINY)
+  assert res.returncode == 0, res.stderr[-2000:]
+  with open(os.path.join(out, name, "summary.json")) as f:
+    grouped = json.load(f)
+  with open(os.path.join(wd, "summary.json")) as f:
+    single = json.load(f)
+  np.testing.assert_allclose(grouped["phase1"]["final_loss"], single["phase1"]["final_loss"],
+                             rtol=1e-5)
+  np.testing.assert_allclose(grouped["phase2"]["final_loss"], single["phase2"]["final_loss"],
+                             rtol=2e-3)
+  np.testing.assert_allclose(np.load(os.path.join(out, name, "kernel.npy")),
+                             np.load(os.path.join(wd, "kernel.npy")), rtol=1e-4, atol=1e-6)
+  a = kio.load_image(os.path.join(out, name, "sr.png"))[0]
+  b = kio.load_image(os.path.join(wd, "sr.png"))[0]
+  assert np.mean(np.abs(a - b)) < 0.01, np.mean(np.abs(a - b))
+  # (another image of the group is far from this one: the comparison can fail)
+  other = kio.load_image(os.path.join(out, "s3" if name != "s3" else "s4", "sr.png"))[0]
+  assert np.mean(np.abs(other - b)) > 0.05
+
+
+def test_plan_groups_keeps_sizes_apart_and_fills_devices():
+  keys = {f"a{i}": (16, 16) for i in range(7)} | {"b": (16, 20), "c": None}
+  plan = batch.plan_groups(keys, devices=4, per_device=2)
+  assert plan == [([f"a{i}" for i in range(4)], 4), (["a4", "a5", "a6"], 3), (["b"], 1),
+                  (["c"], 1)]
+  plan = batch.plan_groups({f"a{i}": 1 for i in range(9)}, devices=2, per_device=4)
+  assert plan == [([f"a{i}" for i in range(8)], 2), (["a8"], 1)]
+
+
 # -- two processes -------------------------------------------------------------------------
 
 def _free_port():
