@@ -270,7 +270,7 @@ def _run_group(names, devices, by_name, out, cfg, process, kernel_path, method, 
     else:
       pd_model, pd_params, p1s = phase1.train_group(cfg, lr, dirs, mesh, show_progress)
     t1 = time.time()
-    results = phase2.run_group(cfg, pd_model, pd_params, lr, int(cfg.scale), preps[0].fixed,
+    results = phase2.run_group(cfg, pd_model, pd_params, lr, preps[0].fixed,
                                dirs, [(phase1.fingerprint(cfg, p.lr),) for p in preps], mesh,
                                show_progress)
     t2 = time.time()

@@ -79,10 +79,10 @@ class Phase2Metrics(NamedTuple):
   step: jnp.ndarray   # the reverse step the iteration belongs to
 
 
-def kernel_size(cfg, scale):
-  """The kernel's side K: ``kernel.size``, or 6 × scale when it is 0 (the one place this
-  default is worked out)."""
-  return int(cfg.kernel.size) if cfg.kernel.size else 6 * int(scale)
+def kernel_size(cfg):
+  """The kernel's side K: ``kernel.size``, or 6 × ``cfg.scale`` when it is 0 (the one place
+  this default is worked out)."""
+  return int(cfg.kernel.size) if cfg.kernel.size else 6 * int(cfg.scale)
 
 
 def make_unet(cfg, channels):
@@ -92,9 +92,10 @@ def make_unet(cfg, channels):
                        upsample=u.upsample, dtype=config_lib.compute_dtype(cfg))
 
 
-def make_kernel_net(cfg, scale):
-  """The kernel network ``cfg.kernel.net`` (SIREN by default; see ``kernel_net.make``)."""
-  return kernel_net.make(cfg.kernel, kernel_size(cfg, scale), int(scale))
+def make_kernel_net(cfg):
+  """The kernel network ``cfg.kernel.net`` (SIREN by default; see ``kernel_net.make``) for
+  the scale ``cfg.scale``."""
+  return kernel_net.make(cfg.kernel, kernel_size(cfg), int(cfg.scale))
 
 
 def timesteps(cfg):
@@ -198,16 +199,17 @@ class Phase2:
   """Builds the networks and the compiled Phase 2 programs for one image shape.
 
   ``lr_image`` is (h, w, C) in [−1, 1]; ``fixed_kernel`` (K, K) selects non-blind mode.
+  The upscaling factor is ``cfg.scale``.
   """
 
-  def __init__(self, cfg, pd_model, pd_params, sched, lr_shape, scale,
+  def __init__(self, cfg, pd_model, pd_params, sched, lr_shape,
                fixed_kernel: Optional[np.ndarray] = None):
     self.cfg = cfg
-    self.scale = int(scale)
+    self.scale = int(cfg.scale)
     c = lr_shape[-1]
     self.pd_model, self.pd_params, self.sched = pd_model, pd_params, sched
     self.unet = make_unet(cfg, c)
-    self.kernel_net = make_kernel_net(cfg, scale)
+    self.kernel_net = make_kernel_net(cfg)
     self.fixed_kernel = None if fixed_kernel is None else jnp.asarray(fixed_kernel, jnp.float32)
     self.ts = jnp.asarray(timesteps(cfg))
     if int(self.ts[0]) > sched.num_steps:
@@ -419,14 +421,16 @@ def checks(cfg):
   ]
 
 
-def fingerprint(cfg, lr_image, scale, fixed_kernel=None, parts=()):
+def fingerprint(cfg, lr_image, fixed_kernel=None, parts=()):
   """Identifies a Phase 2 run (its checkpoints): the image, ``parts`` (the trained PD's
-  fingerprint), every field that shapes the run, the mode and the state's layout."""
+  fingerprint), every field that shapes the run (``cfg.scale`` among them), the mode and
+  the state's layout."""
   mode = "nonblind" if fixed_kernel is not None else "blind"
   return ckpt.fingerprint(np.asarray(lr_image), *parts, cfg.unet.to_dict(),
                           _without(cfg.kernel, "threshold", "blend", "blend_sigma"),
-                          _without(cfg.sample, "iters_per_chunk", "checkpoint_every"), int(scale),
-                          mode, None if fixed_kernel is None else np.asarray(fixed_kernel),
+                          _without(cfg.sample, "iters_per_chunk", "checkpoint_every"),
+                          int(cfg.scale), mode,
+                          None if fixed_kernel is None else np.asarray(fixed_kernel),
                           *config_lib.precision_part(cfg), STATE_VERSION)
 
 
@@ -450,9 +454,9 @@ _FINAL_LOSSES = (("final_loss", "loss"), ("final_consistency_a", "cons_a"),
                  ("final_consistency_b", "cons_b"), ("final_com", "com"))
 
 
-def run(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, workdir=None,
+def run(cfg, pd_model, pd_params, lr_image, fixed_kernel=None, workdir=None,
         fingerprint_parts=(), show_progress=True, finish=True):
-  """Reverse diffusion with joint U-Net / kernel optimisation.
+  """Reverse diffusion with joint U-Net / kernel optimisation, at the scale ``cfg.scale``.
 
   Returns ``(hr_image in [−1, 1], kernel (K, K), info)``; checkpoints every chunk
   into ``workdir`` and resumes from there. With ``sample.num_samples = N > 1``, N
@@ -468,14 +472,14 @@ def run(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, workdir=No
   ``finish=False`` returns Phase 2's own image and kernel.
   """
   sched = sch.from_config(cfg)
-  p2 = Phase2(cfg, pd_model, pd_params, sched, lr_image.shape, scale, fixed_kernel)
+  p2 = Phase2(cfg, pd_model, pd_params, sched, lr_image.shape, fixed_kernel)
   lr_image = jnp.asarray(lr_image, jnp.float32)
   n = int(cfg.sample.num_samples)
   together = n if bool(cfg.sample.vmap_samples) else 1
   init_keys, rngs = sample_keys(int(cfg.seed), n)
   total = p2.total_iterations
   mode = "nonblind" if fixed_kernel is not None else "blind"
-  fp = fingerprint(cfg, lr_image, scale, fixed_kernel, fingerprint_parts)
+  fp = fingerprint(cfg, lr_image, fixed_kernel, fingerprint_parts)
   info = {"steps": p2.num_steps, "iterations": total, "mode": mode, "samples": n,
           "restored_step": None}
   chunk_len = loop.chunk_size(total, int(cfg.sample.iters_per_chunk))
@@ -564,7 +568,7 @@ def run(cfg, pd_model, pd_params, lr_image, scale, fixed_kernel=None, workdir=No
     kernel = kernel.astype(np.float64).mean(axis=0)
     kernel = (kernel / kernel.sum()).astype(np.float32)
   if finish:
-    hr, kernel, extra = finish_output(cfg, lr_image, hr, kernel, scale, fixed_kernel is None)
+    hr, kernel, extra = finish_output(cfg, lr_image, hr, kernel, fixed_kernel is None)
     info.update(extra)
   return hr, kernel, info
 
@@ -585,7 +589,7 @@ def stack_states(states):
                            for f in ("params", "opt_state", "x", "x0", "xi")})
 
 
-def run_group(cfg, pd_model, pd_params, lr_images, scale, fixed_kernel=None, workdirs=(),
+def run_group(cfg, pd_model, pd_params, lr_images, fixed_kernel=None, workdirs=(),
               fingerprint_parts=(), mesh=None, show_progress=True):
   """:func:`run` for ``G`` same-size images together, each with its own PD.
 
@@ -604,7 +608,7 @@ def run_group(cfg, pd_model, pd_params, lr_images, scale, fixed_kernel=None, wor
   lr_images = np.asarray(lr_images, np.float32)
   g = lr_images.shape[0]
   sched = sch.from_config(cfg)
-  p2 = Phase2(cfg, pd_model, pd_params, sched, lr_images.shape[1:], scale, fixed_kernel)
+  p2 = Phase2(cfg, pd_model, pd_params, sched, lr_images.shape[1:], fixed_kernel)
   init_key, rng = sample_keys(int(cfg.seed), 1)
   init_keys, rngs = (jnp.broadcast_to(k, (g,)) for k in (init_key, rng))
   total = p2.total_iterations
@@ -616,7 +620,7 @@ def run_group(cfg, pd_model, pd_params, lr_images, scale, fixed_kernel=None, wor
   state = runtime.jit(p2.init_batch)(lr_in, init_keys)
   savers = []
   for n, workdir in enumerate(workdirs):
-    fp = fingerprint(cfg, lr_images[n], scale, fixed_kernel, fingerprint_parts[n])
+    fp = fingerprint(cfg, lr_images[n], fixed_kernel, fingerprint_parts[n])
     saver = ckpt.PhaseCheckpoint(workdir, "phase2", fp)
     if saver.stored_fingerprint() not in (None, fp):
       loop.log(f"discarding a phase 2 checkpoint made with other settings in {workdir}")
@@ -673,35 +677,34 @@ def run_group(cfg, pd_model, pd_params, lr_images, scale, fixed_kernel=None, wor
   hrs, kernels = np.asarray(hrs), np.asarray(kernels)
   out = []
   for n in range(g):
-    hr, kernel, extra = finish_output(cfg, lr_images[n], hrs[n], kernels[n], scale,
-                                      fixed_kernel is None)
+    hr, kernel, extra = finish_output(cfg, lr_images[n], hrs[n], kernels[n], fixed_kernel is None)
     out.append((hr, kernel, {**infos[n], **extra}))
   return out
 
 
-def finish_kernel(cfg, kernel, scale):
+def finish_kernel(cfg, kernel):
   """A blind run's kernel after the kfjax options ``kernel.threshold`` (taps below that
   fraction of the maximum zeroed, :func:`kernel_net.threshold_kernel`) and then
-  ``kernel.blend`` (mixed with a centred Gaussian of std ``kernel.blend_sigma × scale``,
+  ``kernel.blend`` (mixed with a centred Gaussian of std ``kernel.blend_sigma × cfg.scale``,
   :func:`kernel_net.blend_kernel`). Either at 0 leaves the kernel as it is."""
   k = cfg.kernel
   if k.threshold > 0:
     kernel = kernel_net.threshold_kernel(kernel, k.threshold)
   if k.blend > 0:
-    kernel = kernel_net.blend_kernel(kernel, k.blend, k.blend_sigma * int(scale))
+    kernel = kernel_net.blend_kernel(kernel, k.blend, k.blend_sigma * int(cfg.scale))
   return kernel
 
 
-def finish_output(cfg, lr_image, hr, kernel, scale, blind):
+def finish_output(cfg, lr_image, hr, kernel, blind):
   """What follows Algorithm 1 (kfjax options, all off in the paper's setting): the
   kernel through :func:`finish_kernel` (blind runs only), then with ``restore.final``
   the image re-solved with it (:func:`final_restore`). Images in [−1, 1]; returns
   ``(hr, kernel, info)``."""
   info = {}
   if blind:
-    kernel = finish_kernel(cfg, kernel, scale)
+    kernel = finish_kernel(cfg, kernel)
   if cfg.restore.final:
-    hr, info["final_restore"] = final_restore(cfg, lr_image, hr, kernel, scale)
+    hr, info["final_restore"] = final_restore(cfg, lr_image, hr, kernel)
   return hr, kernel, info
 
 
@@ -715,14 +718,16 @@ def _without(block, *keys):
   return d
 
 
-def final_restore(cfg, lr_image, hr, kernel, scale):
-  """``restore.final``: the HR image re-solved with ``kernel`` by :mod:`kfjax.restore`
-  (TV-regularised least squares), from ``hr`` or the bicubic upscale (``restore.init``).
+def final_restore(cfg, lr_image, hr, kernel):
+  """``restore.final``: the HR image re-solved with ``kernel`` at the scale ``cfg.scale`` by
+  :mod:`kfjax.restore` (TV-regularised least squares), from ``hr`` or the bicubic upscale
+  (``restore.init``).
   Images in [−1, 1]; returns ``(hr, info)``."""
   t0 = time.time()
   x_init = (np.asarray(hr) + 1.0) / 2.0 if cfg.restore.init == "phase2" else None
   x, values = restore.solve_cfg((np.asarray(lr_image) + 1.0) / 2.0,
-                                kernel_net.export_kernel(kernel), scale, cfg.restore, x_init)
+                                kernel_net.export_kernel(kernel), int(cfg.scale), cfg.restore,
+                                x_init)
   info = {"init": cfg.restore.init, "final_loss": float(values[-1]),
           "seconds": round(time.time() - t0, 2)}
   return np.asarray(x) * 2.0 - 1.0, info

@@ -71,7 +71,7 @@ def validate_config(cfg):
   ]
   checks += phase1.checks(cfg)
   checks += phase2.checks(cfg)
-  checks += kernel_net.checks(cfg.kernel, phase2.kernel_size(cfg, cfg.scale), int(cfg.scale))
+  checks += kernel_net.checks(cfg.kernel, phase2.kernel_size(cfg), int(cfg.scale))
   checks += kernelgan.checks(cfg.kernelgan)
   for ok, msg in checks:
     if not ok:
@@ -189,8 +189,8 @@ def run(image_path, cfg, workdir, kernel_path=None, show_progress=True, method="
   else:
     pd_model, pd_params, p1 = phase1.train(cfg, lr_m, workdir, show_progress)
   t1 = time.time()
-  hr, kernel, p2 = phase2.run(cfg, pd_model, pd_params, lr_m, int(cfg.scale), prep.fixed,
-                              workdir, fingerprint_parts=(phase1.fingerprint(cfg, lr_m),),
+  hr, kernel, p2 = phase2.run(cfg, pd_model, pd_params, lr_m, prep.fixed, workdir,
+                              fingerprint_parts=(phase1.fingerprint(cfg, lr_m),),
                               show_progress=show_progress)
   t2 = time.time()
   return write_outputs(prep, cfg, hr, kernel, {**p1, "seconds": round(t1 - t0, 2)},

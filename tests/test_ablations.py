@@ -43,6 +43,7 @@ def _key(seed):
 
 def _cfg(overrides=()):
   cfg = config_lib.preset("smoke")
+  cfg.scale = SCALE   # (the preset's own; Phase 2 reads it from the config)
   for key, value in dict(overrides).items():
     node = cfg
     *path, last = key.split(".")
@@ -87,8 +88,7 @@ def option_run(request, pd):
   cfg = _cfg(OPTIONS[name])
   model, params, sched = pd
   dip = cfg.sample.prior == "dip"
-  p2 = phase2.Phase2(cfg, None if dip else model, None if dip else params, sched, LR_SHAPE,
-                      SCALE)
+  p2 = phase2.Phase2(cfg, None if dip else model, None if dip else params, sched, LR_SHAPE)
   calls = _count_forward(p2)
   lr = _lr_image()
   init = jax.jit(p2.init)(lr, _key(1))
@@ -112,7 +112,7 @@ def test_option_runs_traces_once_and_gives_a_valid_kernel(option_run):
   assert r["chunk"]._cache_size() == 1
   assert int(r["state"].step) == r["p2"].num_steps and int(r["state"].it) == 0
   k = r["kernel"]
-  ksize = phase2.kernel_size(r["cfg"], SCALE)
+  ksize = phase2.kernel_size(r["cfg"])
   assert k.shape == (ksize, ksize) and np.all(np.isfinite(k))
   assert abs(float(k.sum()) - 1.0) < 1e-4
   e = kernel_net.export_kernel(k)
@@ -142,7 +142,7 @@ def test_option_specifics(option_run):
     # and S(k) = mean((|k| + ε)^0.2) is at most (1/K²)^0.2 for a kernel summing to 1 (the
     # uniform kernel, by concavity), so 0 < extra ≤ λ_sp·(K²)^-0.2 (λ_sp = 0.5).
     extra = m.loss - (m.cons_a + m.cons_b + w * m.com)
-    k2 = phase2.kernel_size(r["cfg"], SCALE) ** 2
+    k2 = phase2.kernel_size(r["cfg"]) ** 2
     assert np.all(extra > 0) and np.all(extra <= 0.5 * k2 ** -0.2 * 1.001)
   if name == "dip":
     # The network input is fixed (bicubic upscale); the loss counts it twice (a = b).
@@ -166,7 +166,7 @@ def test_option_nonblind_traces(name, pd):
   model, params, sched = pd
   k = np.zeros((12, 12), np.float32)
   k[5:7, 5:7] = 0.25
-  p2 = phase2.Phase2(cfg, model, params, sched, LR_SHAPE, SCALE, fixed_kernel=k)
+  p2 = phase2.Phase2(cfg, model, params, sched, LR_SHAPE, fixed_kernel=k)
   lr = jax.ShapeDtypeStruct(LR_SHAPE, jnp.float32)
   init = jax.eval_shape(p2.init, lr, _key(5))
   assert "kernel" not in init.params
@@ -279,7 +279,7 @@ def test_presets_are_valid_at_every_scale(name, scale):
   cfg = config_lib.preset(name)
   cfg.scale = scale
   pipeline.validate_config(cfg)
-  net = phase2.make_kernel_net(cfg, scale)
+  net = phase2.make_kernel_net(cfg)
   kcfg = cfg.kernel.copy_and_resolve_references()
   kcfg.init_steps = 5  # (the Gaussian fit itself is tested in test_models.py)
   params = kernel_net.initial_params(net, kcfg, scale, _key(0))
@@ -343,14 +343,14 @@ def test_final_restore_is_the_tv_solver_from_phase2s_image():
   hr = np.clip(rng.normal(0, 0.5, (24, 32, 3)), -1, 1).astype(np.float32)
   k = kernel_net.gaussian_blob(12, 1.0).astype(np.float32)
   k /= k.sum()
-  got, info = phase2.final_restore(cfg, lr, hr, k, SCALE)
+  got, info = phase2.final_restore(cfg, lr, hr, k)
   want, values = restore.solve((np.asarray(lr) + 1) / 2, k, SCALE, 1e-4, steps=20, lr=1e-2,
                                lr_end=1e-4, eps=1e-3, x_init=(hr + 1) / 2)
   np.testing.assert_allclose(got, np.asarray(want) * 2 - 1, atol=1e-5)  # (float32 rounding)
   assert info["init"] == "phase2" and info["final_loss"] == pytest.approx(float(values[-1]))
   # From the bicubic start instead, the result differs.
   other, _ = phase2.final_restore(_cfg({"restore.steps": 20, "restore.init": "bicubic"}),
-                                    lr, hr, k, SCALE)
+                                  lr, hr, k)
   assert np.abs(other - got).max() > 1e-3
 
 
@@ -393,7 +393,7 @@ def test_blind_phase2_thresholds_and_blends_its_kernel_and_nonblind_keeps_the_gi
   lr = np.asarray(_lr_image())
   cfg = _cfg({"kernel.threshold": 0.9, "kernel.blend": 0.5, "kernel.blend_sigma": 0.4,
               "sample.num_steps": 2})
-  _, k, _ = phase2.run(cfg, model, params, lr, SCALE, show_progress=False)
+  _, k, _ = phase2.run(cfg, model, params, lr, show_progress=False)
   assert abs(k.sum() - 1) < 1e-6
   # k = 0.5·thresholded + 0.5·g: the thresholded half is zero below 0.9 × its maximum.
   thr = (k.astype(np.float64) - 0.5 * _gaussian_numpy(12, 0.4 * SCALE)) / 0.5
@@ -402,6 +402,5 @@ def test_blind_phase2_thresholds_and_blends_its_kernel_and_nonblind_keeps_the_gi
   given = np.full((12, 12), 1 / 144, np.float32)
   given[0, 0] = 0.1 / 144
   given /= given.sum()
-  _, k2, _ = phase2.run(cfg, model, params, lr, SCALE, fixed_kernel=given,
-                                 show_progress=False)
+  _, k2, _ = phase2.run(cfg, model, params, lr, fixed_kernel=given, show_progress=False)
   np.testing.assert_array_equal(k2, given)

@@ -34,7 +34,9 @@ def _smoke_config():
                                                 os.path.join(ROOT, "configs", "smoke.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  return mod.get_config()
+  cfg = mod.get_config()
+  cfg.scale = SCALE   # (the preset's own; Phase 2 reads it from the config)
+  return cfg
 
 
 def _lr_image():
@@ -142,8 +144,7 @@ def test_phase1_loss_fn_zero_for_perfect_model():
 # -- Phase 2 -----------------------------------------------------------------------------
 
 def _phase2_run(cfg, pd_model, pd_params, sched, lr_image, fixed_kernel, seed):
-  p2 = phase2_lib.Phase2(cfg, pd_model, pd_params, sched, LR_SHAPE, SCALE,
-                      fixed_kernel=fixed_kernel)
+  p2 = phase2_lib.Phase2(cfg, pd_model, pd_params, sched, LR_SHAPE, fixed_kernel=fixed_kernel)
   state = jax.jit(p2.init)(lr_image, _key(seed))
   init_state = state
   iters = int(cfg.sample.iters_per_chunk)
@@ -176,7 +177,7 @@ def phase2_nonblind(phase1):
   k[4:8, 4:8] = 1.0 / 16  # centred 4×4 box: K = 12 and s = 2 have the same parity
   lr_image = jax.ShapeDtypeStruct(LR_SHAPE, jnp.float32)
   p2 = phase2_lib.Phase2(cfg, phase1["model"], phase1["state"].params, phase1["sched"], LR_SHAPE,
-                      SCALE, fixed_kernel=k)
+                         fixed_kernel=k)
   init = jax.eval_shape(p2.init, lr_image, _key(5))
   chunk = p2.make_chunk(int(cfg.sample.iters_per_chunk))
   state, metrics = jax.eval_shape(chunk, init, lr_image, _key(6))
@@ -214,7 +215,7 @@ def test_phase2_result(phase2_blind):
   assert x0.shape == (LR_SHAPE[0] * SCALE, LR_SHAPE[1] * SCALE, LR_SHAPE[2])
   assert np.all(np.isfinite(x0))
   assert x0.min() >= -1.0 and x0.max() <= 1.0
-  ksize = phase2_lib.kernel_size(phase2_blind["cfg"], SCALE)
+  ksize = phase2_lib.kernel_size(phase2_blind["cfg"])
   assert k.shape == (ksize, ksize) == (12, 12)
   assert abs(k.sum() - 1.0) < 1e-5 and k.min() >= -1e-4
   e = kernel_net.export_kernel(k)
@@ -348,7 +349,7 @@ def test_phase2_progress_bar_moves_per_chunk_of_iterations(phase1, monkeypatch):
       pass
   monkeypatch.setattr(phase2_lib.tqdm, "tqdm", Bar)
   cfg = _smoke_config()
-  phase2_lib.run(cfg, phase1["model"], phase1["state"].params, _lr_image(), SCALE)
+  phase2_lib.run(cfg, phase1["model"], phase1["state"].params, _lr_image())
   (bar,) = bars
   total = cfg.sample.n_iter_first + (cfg.sample.num_steps - 1) * cfg.sample.n_iter
   assert bar.total == total == 9

@@ -55,6 +55,7 @@ def _perturb(tree, seed, amount=0.1):
 
 def _smoke():
   cfg = config_lib.preset("smoke")
+  cfg.scale = SCALE   # (the preset's own; Phase 2 reads it from the config)
   cfg.sample.num_steps = 2
   return cfg
 
@@ -203,7 +204,7 @@ def test_phase2_tiled_pd_matches_whole(pd_setup):
   for tile in (0, 8):
     cfg_t = _smoke()
     cfg_t.sample.pd_tile, cfg_t.sample.pd_tile_batch = tile, 3
-    p2 = phase2.Phase2(cfg_t, model, params, sched, lr.shape, SCALE)
+    p2 = phase2.Phase2(cfg_t, model, params, sched, lr.shape)
     state = jax.jit(p2.init)(lr, _key(2))
     xi = jax.random.normal(_key(3), state.x.shape)
     t, s = int(p2.ts[0]), int(p2.ts[1])
@@ -220,7 +221,7 @@ def batched_run(pd_setup):
   """Two images through the batched chunk (two calls) and one by one (same seeds)."""
   cfg, model, params, sched = pd_setup
   lr = _lr_images(2)
-  p2 = phase2.Phase2(cfg, model, params, sched, lr.shape[1:], SCALE)
+  p2 = phase2.Phase2(cfg, model, params, sched, lr.shape[1:])
   # Threefry keys: with ``rbg`` keys, draws under vmap differ from the same draws alone.
   init_keys = jax.random.split(jax.random.key(10), 2)
   rngs = jax.random.split(jax.random.key(20), 2)
@@ -283,7 +284,7 @@ def test_phase2_samples_are_averaged(pd_setup, vmap, tmp_path):
   cfg = cfg.copy_and_resolve_references()  # the module's cfg is changed by batched_run
   cfg.sample.iters_per_chunk = 1000  # (the largest divisor of the iterations: one chunk)
   lr = _lr_images(1)[0]
-  p2 = phase2.Phase2(cfg, model, params, sched, lr.shape, SCALE)
+  p2 = phase2.Phase2(cfg, model, params, sched, lr.shape)
   chunk = p2.make_chunk(p2.total_iterations)
   init_keys, rngs = phase2.sample_keys(int(cfg.seed), 2)
   singles = []
@@ -291,8 +292,8 @@ def test_phase2_samples_are_averaged(pd_setup, vmap, tmp_path):
     state, _ = chunk(jax.jit(p2.init)(lr, init_keys[j]), lr, rngs[j])
     singles.append([np.asarray(a, np.float64) for a in p2.result(state)])
   cfg.sample.num_samples, cfg.sample.vmap_samples = 2, vmap
-  run = lambda: phase2.run(cfg, model, params, np.asarray(lr), SCALE,
-                                    workdir=str(tmp_path), show_progress=False)
+  run = lambda: phase2.run(cfg, model, params, np.asarray(lr), workdir=str(tmp_path),
+                           show_progress=False)
   hr, k, info = run()
   (hr0, k0), (hr1, k1) = singles
   assert float(np.abs(hr0 - hr1).max()) > 0.1 and float(np.abs(k0 - k1).max()) > 1e-3
@@ -366,12 +367,13 @@ def test_bf16_phases_run_and_checkpoints_are_kept_apart(tmp_path):
   finite image; the checkpoints' fingerprints differ from float32's (a float32 run never
   resumes a bf16 one), while float32's are those of a config without the field."""
   cfg32 = config_lib.preset("smoke")
+  cfg32.scale = SCALE   # (the preset's own)
   cfg16 = _bf16(cfg32)
   lr = np.asarray(_lr_images(1)[0])
   model, params, info = phase1.train(cfg16, lr, str(tmp_path / "pd"), show_progress=False)
   assert info["final_loss"] is not None and np.isfinite(info["final_loss"])
   assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(params))
-  hr, k, info2 = phase2.run(cfg16, model, params, lr, SCALE, show_progress=False)
+  hr, k, info2 = phase2.run(cfg16, model, params, lr, show_progress=False)
   assert hr.shape == (LR_SIDE * SCALE, LR_SIDE * SCALE, C) and np.all(np.isfinite(hr))
   assert k.min() >= 0 and abs(float(k.sum()) - 1) < 1e-5 and np.isfinite(info2["final_loss"])
   legacy = cfg32.to_dict()
@@ -434,13 +436,13 @@ def test_torch_reference_matches_kfjax(pd_setup):
   np.testing.assert_allclose(got, ref, rtol=1e-5)
   # The Phase 2 iteration: loss and outputs of the forward.
   lr = _lr_images(1)[0]
-  p2 = phase2.Phase2(cfg, model, params, sched, lr.shape, SCALE)
+  p2 = phase2.Phase2(cfg, model, params, sched, lr.shape)
   state = jax.jit(p2.init)(lr, _key(6))
   p2_params = _perturb(state.params, 3, 0.01)
   xi = np.asarray(jax.random.normal(_key(7), state.x.shape))
   ts, ss = int(p2.ts[0]), int(p2.ts[1])
   loss, (x_s, b, *_) = jax.jit(lambda p: p2.forward(p, state.x, state.x0, ts, ss, xi, lr))(p2_params)
-  ksize = phase2.kernel_size(cfg, SCALE)
+  ksize = phase2.kernel_size(cfg)
   it = torch_ref.Phase2Iteration(
       torch_ref.load_unet(torch_ref.unet_from_config(cfg, C), p2_params["unet"]),
       torch_ref.load_kernel(torch_ref.kernel_from_config(cfg, ksize, SCALE), p2_params["kernel"]),

@@ -60,7 +60,7 @@ def downscale_flops(cfg, hr_size, channels=CHANNELS):
   """Forward FLOPs of one ``(x*k)↓s`` of an ``hr_size``² image (one filter per channel)."""
   scale = int(cfg.scale)
   out = -(-hr_size // scale)
-  return conv_flops(out, out, phase2.kernel_size(cfg, scale), 1, 1) * channels
+  return conv_flops(out, out, phase2.kernel_size(cfg), 1, 1) * channels
 
 
 def phase2_flops(cfg, hr_size, channels=CHANNELS):

@@ -140,7 +140,7 @@ def _phase2_setup(cfg, hr_size, images=None):
   model = phase1.make_model(cfg, flops_lib.CHANNELS)
   sched = sch.from_config(cfg)
   pd_params = _init_pd(model)
-  p2 = phase2.Phase2(cfg, model, pd_params, sched, (lr_side, lr_side, flops_lib.CHANNELS), scale)
+  p2 = phase2.Phase2(cfg, model, pd_params, sched, (lr_side, lr_side, flops_lib.CHANNELS))
   if images is None:
     lr = jnp.asarray(random_image(lr_side, 2))
     state = runtime.jit(p2.init)(lr, jax.random.key(3))
@@ -218,7 +218,7 @@ def parts_setup(cfg, hr_size):
   """Each part's networks, parameters and inputs at ``hr_size``², and its FLOPs; the JAX and
   PyTorch timings of the parts both start from these, so they time the same work."""
   scale = int(cfg.scale)
-  ksize = phase2.kernel_size(cfg, scale)
+  ksize = phase2.kernel_size(cfg)
   unet = phase2.make_unet(cfg, flops_lib.CHANNELS)
   model = phase1.make_model(cfg, flops_lib.CHANNELS)
   x = jnp.asarray(random_image(hr_size, 5))

@@ -106,11 +106,11 @@ def trained_pd(case, cfg, case_dir):
 
 
 def phase2(case, cfg, pd, fixed_kernel=None):
-  """Phase 2 on ``case.lr`` with trained ``pd = (model, params)``; returns
-  ``(sr in [0, 1], kernel, seconds)``."""
+  """Phase 2 on ``case.lr`` with trained ``pd = (model, params)`` and ``cfg`` from
+  :func:`_prepare` (``cfg.scale`` the case's); returns ``(sr in [0, 1], kernel, seconds)``."""
   t0 = time.time()
-  hr, k, _ = phase2_lib.run(cfg, pd[0], pd[1], case.lr * 2.0 - 1.0, case.spec.scale,
-                                 fixed_kernel=fixed_kernel, show_progress=False)
+  hr, k, _ = phase2_lib.run(cfg, pd[0], pd[1], case.lr * 2.0 - 1.0, fixed_kernel=fixed_kernel,
+                            show_progress=False)
   sr = np.clip((hr + 1.0) / 2.0, 0.0, 1.0)
   return sr, kernel_net.export_kernel(k), time.time() - t0
 
@@ -157,10 +157,10 @@ def blind_result(case, cfg, case_dir):
   t0 = time.time()
   # What phase2.run does by default, split at finish_output so that both halves are kept
   # (the finishing sees Phase 2's unclipped image, as in the command line).
-  lr, s = case.lr * 2.0 - 1.0, case.spec.scale
-  hr_p2, k_p2, _ = phase2_lib.run(cfg, model, params, lr, s, show_progress=False,
-                                       finish=False)
-  hr, k, _ = phase2_lib.finish_output(cfg, lr, hr_p2, k_p2, s, blind=True)
+  # (cfg comes from _prepare: cfg.scale is the case's.)
+  lr = case.lr * 2.0 - 1.0
+  hr_p2, k_p2, _ = phase2_lib.run(cfg, model, params, lr, show_progress=False, finish=False)
+  hr, k, _ = phase2_lib.finish_output(cfg, lr, hr_p2, k_p2, blind=True)
   t2 = time.time() - t0
   to_sr = lambda x: np.clip((np.asarray(x) + 1.0) / 2.0, 0.0, 1.0)
   sr_p2, k_p2 = to_sr(hr_p2), kernel_net.export_kernel(k_p2)
@@ -219,7 +219,7 @@ def nonblind(case, cfg, workdir):
   if case.kernel is None:
     raise NotApplicable("no true kernel for a non-linear degradation")
   cfg = _prepare(case, cfg)
-  k_size = phase2_lib.kernel_size(cfg, case.spec.scale)
+  k_size = phase2_lib.kernel_size(cfg)
   if case.kernel.shape[0] != k_size:
     raise NotApplicable(f"true kernel is {case.kernel.shape[0]}px, config kernel {k_size}px")
   model, params, t1 = trained_pd(case, cfg, _case_dir(workdir))

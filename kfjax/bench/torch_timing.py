@@ -100,8 +100,8 @@ def bench_phase2_torch(cfg, hr_size, iters, repeats):
   # The kernel net starts where kfjax's does (e.g. the linear CNN's box), not at torch's
   # default initialisation.
   kernel = torch_ref.load_kernel(
-      torch_ref.kernel_from_config(cfg, phase2.kernel_size(cfg, scale), scale),
-      kernel_net.initial_params(phase2.make_kernel_net(cfg, scale), cfg.kernel, scale,
+      torch_ref.kernel_from_config(cfg, phase2.kernel_size(cfg), scale),
+      kernel_net.initial_params(phase2.make_kernel_net(cfg), cfg.kernel, scale,
                                 jax.random.key(2)))
   rng = np.random.default_rng(0)
   shape = (1, flops_lib.CHANNELS, hr_size, hr_size)
