@@ -254,12 +254,12 @@ def test_same_size_images_run_together_over_four_devices(grouped_run):
     assert "group" not in json.load(f)      # the odd size runs alone, never padded
 
 
-@pytest.mark.parametrize("name", ["s0", "s5"])
-def test_an_image_of_a_group_matches_its_single_run(grouped_run, name, tmp_path):
-  """To float tolerance: Phase 1 agrees to rounding; Phase 2's Adam turns rounding in
+def test_an_image_of_a_group_matches_its_single_run(grouped_run, tmp_path):
+  """Image 5 (the second of the third device) against its run alone, to float tolerance: Phase 1 agrees to rounding; Phase 2's Adam turns rounding in
   near-zero gradients (conv biases before BatchNorm) into up to ``lr`` per iteration
   (see tests/test_throughput.py), so its images agree closely, not bit for bit."""
   d, _, out, _ = grouped_run
+  name = "s5"
   wd = str(tmp_path / name)
   res = _cli("--image", str(d / f"{name}.png"), "--workdir", wd, *TINY)
   assert res.returncode == 0, res.stderr[-2000:]
@@ -277,7 +277,7 @@ def test_an_image_of_a_group_matches_its_single_run(grouped_run, name, tmp_path)
   b = kio.load_image(os.path.join(wd, "sr.png"))[0]
   assert np.mean(np.abs(a - b)) < 0.01, np.mean(np.abs(a - b))
   # (another image of the group is far from this one: the comparison can fail)
-  other = kio.load_image(os.path.join(out, "s3" if name != "s3" else "s4", "sr.png"))[0]
+  other = kio.load_image(os.path.join(out, "s4", "sr.png"))[0]
   assert np.mean(np.abs(other - b)) > 0.05
 
 
