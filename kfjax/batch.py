@@ -250,6 +250,9 @@ def _run_group(names, devices, by_name, out, cfg, process, kernel_path, method, 
     except KfjaxError as e:
       loop.log(f"FAILED {name}: {e}")
       rows.append(_row(name, path, "failed", process, cfg, error=str(e)))
+    except Exception as e:  # noqa: BLE001 - as in _run_one: recorded, the rest go on
+      loop.log(f"FAILED {name}: {_crash_message(e)}")
+      rows.append(_row(name, path, "failed", process, cfg, error=_crash_message(e)))
   kept = [os.path.basename(p.workdir) for p in preps]
   try:
     if len(preps) < 2:
