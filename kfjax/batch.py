@@ -268,8 +268,7 @@ def _run_group(names, devices, by_name, out, cfg, process, kernel_path, method, 
     t0 = time.time()
     if cfg.sample.prior == "dip":
       pd_model = pd_params = None
-      p1s = [{"steps": 0, "restored_step": None, "final_loss": None,
-              "skipped": "sample.prior=dip"} for _ in preps]
+      p1s = [phase1.skipped_info("sample.prior=dip") for _ in preps]
     else:
       pd_model, pd_params, p1s = phase1.train_group(cfg, lr, dirs, mesh, show_progress)
     t1 = time.time()

@@ -164,6 +164,22 @@ def fingerprint(cfg, lr_image):
                           cfg.diffusion.to_dict(), cfg.seed, *config_lib.precision_part(cfg))
 
 
+def skipped_info(why):
+  """Phase 1's info when it does not run (``sample.prior = "dip"`` needs no PD)."""
+  return {"steps": 0, "restored_step": None, "final_loss": None, "skipped": why}
+
+
+def _saver(cfg, lr_image, workdir):
+  """Phase 1's checkpoint in ``workdir``; a PD of another image or config there is an error
+  (the user chose the workdir), not something to overwrite."""
+  saver = ckpt.PhaseCheckpoint(workdir, "pd", fingerprint(cfg, lr_image))
+  if saver.stored_fingerprint() not in (None, saver.fp):
+    raise KfjaxError(
+        f"{workdir} holds a patch-diffusion model trained on another image or config; "
+        "use another --workdir (or delete its checkpoints/ folder)")
+  return saver
+
+
 def train(cfg, lr_image, workdir=None, show_progress=True):
   """Train PD on ``lr_image`` (h, w, C in [−1, 1]) or restore it from ``workdir``.
 
@@ -176,15 +192,9 @@ def train(cfg, lr_image, workdir=None, show_progress=True):
   state = runtime.jit(lambda k: init_state(cfg, model, tx, lr_image.shape, k))(
       jax.random.key(cfg.seed))
   total = int(cfg.train.steps)
-  fp = fingerprint(cfg, lr_image)
-  saver = ckpt.PhaseCheckpoint(workdir, "pd", fp) if workdir else None
+  saver = _saver(cfg, lr_image, workdir) if workdir else None
   info = {"steps": total, "restored_step": None, "final_loss": None}
   if saver is not None:
-    stored = saver.stored_fingerprint()
-    if stored is not None and stored != fp:
-      raise KfjaxError(
-          f"{workdir} holds a patch-diffusion model trained on another image or config; "
-          "use another --workdir (or delete its checkpoints/ folder)")
     step = saver.latest_step()
     if step is not None:
       state = saver.restore(step, state)
@@ -237,15 +247,7 @@ def train_group(cfg, lr_images, workdirs, mesh=None, show_progress=True):
   # Every image starts from the state a single run starts from (the same seed).
   one = runtime.jit(lambda k: init_state(cfg, model, tx, shape, k))(jax.random.key(cfg.seed))
   total = int(cfg.train.steps)
-  savers = []
-  for n, workdir in enumerate(workdirs):
-    fp = fingerprint(cfg, lr_images[n])
-    saver = ckpt.PhaseCheckpoint(workdir, "pd", fp)
-    if saver.stored_fingerprint() not in (None, fp):
-      raise KfjaxError(
-          f"{workdir} holds a patch-diffusion model trained on another image or config; "
-          "use another --workdir (or delete its checkpoints/ folder)")
-    savers.append(saver)
+  savers = [_saver(cfg, lr_images[n], workdir) for n, workdir in enumerate(workdirs)]
   steps = [saver.latest_step() for saver in savers]
   if len(set(steps)) > 1:
     raise NotTogether(f"phase 1 checkpoints at different steps: {steps}")

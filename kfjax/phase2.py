@@ -449,6 +449,36 @@ def sample_keys(seed, num_samples):
   return stack(jax.random.key(seed + 1)), stack(jax.random.key(seed + 2))
 
 
+def _saver(workdir, name, fp):
+  """Phase 2's checkpoint ``name`` in ``workdir``; one made with other settings is
+  discarded (Phase 2 is cheap to redo, and its settings are tuned more often)."""
+  saver = ckpt.PhaseCheckpoint(workdir, name, fp)
+  if saver.stored_fingerprint() not in (None, fp):
+    loop.log(f"discarding a phase 2 checkpoint made with other settings in {workdir}")
+    saver.reset()
+  return saver
+
+
+def _report(m, at):
+  """The progress bar's postfix after a chunk (raises on a non-finite loss)."""
+  loss = loop.finite(m.loss[-1], "phase 2 loss", f"iteration {at}")
+  return {"t": int(m.t[-1]), "loss": f"{loss:.5f}"}
+
+
+def _checkpoint_policy(save, every, total, step):
+  """``after(state, at, stop)`` for :func:`kfjax.loop.run_chunks`: ``save(at, state)``
+  (labelled by iterations done) whenever the step counter passes a multiple of ``every``,
+  at the end, and when a stop was requested. ``step``: the counter at the start."""
+  saved = [int(step)]
+
+  def after(state, at, stop):
+    step = int(state.step)
+    if step // every > saved[0] // every or at >= total or stop:
+      save(at, state)
+      saved[0] = step
+  return after
+
+
 # summary key <- Phase2Metrics field, for the last iteration of a run
 _FINAL_LOSSES = (("final_loss", "loss"), ("final_consistency_a", "cons_a"),
                  ("final_consistency_b", "cons_b"), ("final_com", "com"))
@@ -502,11 +532,8 @@ def run(cfg, pd_model, pd_params, lr_image, fixed_kernel=None, workdir=None,
     else:
       lr_in, name, label = lr_image, "phase2", "phase 2"
     state, rng = init(lr_in, pick(init_keys)), pick(rngs)
-    saver = ckpt.PhaseCheckpoint(workdir, name, fp) if workdir else None
+    saver = _saver(workdir, name, fp) if workdir else None
     if saver is not None:
-      if saver.stored_fingerprint() not in (None, fp):
-        loop.log("discarding a phase 2 checkpoint made with other settings")
-        saver.reset()
       step = saver.latest_step()
       if step is not None:
         state = saver.restore(step, state)
@@ -515,22 +542,11 @@ def run(cfg, pd_model, pd_params, lr_image, fixed_kernel=None, workdir=None,
           loop.log(f"resuming {label} from reverse step {int(state.step)}/{p2.num_steps}")
     done = p2.iterations_done(state)
     bar.update(done)
-    saved = [int(state.step)]
-
-    def report(m, at):
-      loss = loop.finite(m.loss[-1], "phase 2 loss", f"iteration {at}")
-      return {"t": int(m.t[-1]), "loss": f"{loss:.5f}"}
-
-    def after(state, at, stop):
-      # A checkpoint (labelled by iterations done) whenever the step counter passes a
-      # multiple of checkpoint_every, at the end, and when a stop was requested.
-      step = int(state.step)
-      if saver is not None and (step // every > saved[0] // every or at >= total or stop):
-        saver.save(at, state)
-        saved[0] = step
+    after = (_checkpoint_policy(saver.save, every, total, state.step)
+             if saver is not None else None)
     try:
       state, metrics = loop.run_chunks(lambda s: chunk(s, lr_in, rng), state, done=done,
-                                       total=total, length=chunk_len, bar=bar, report=report,
+                                       total=total, length=chunk_len, bar=bar, report=_report,
                                        after=after)
     finally:  # (also on a stop: the last save must be complete before the process ends)
       if saver is not None:
@@ -618,14 +634,9 @@ def run_group(cfg, pd_model, pd_params, lr_images, fixed_kernel=None, workdirs=(
   every = int(cfg.sample.checkpoint_every)
   lr_in = jnp.asarray(lr_images)
   state = runtime.jit(p2.init_batch)(lr_in, init_keys)
-  savers = []
-  for n, workdir in enumerate(workdirs):
-    fp = fingerprint(cfg, lr_images[n], fixed_kernel, fingerprint_parts[n])
-    saver = ckpt.PhaseCheckpoint(workdir, "phase2", fp)
-    if saver.stored_fingerprint() not in (None, fp):
-      loop.log(f"discarding a phase 2 checkpoint made with other settings in {workdir}")
-      saver.reset()
-    savers.append(saver)
+  savers = [_saver(workdir, "phase2",
+                   fingerprint(cfg, lr_images[n], fixed_kernel, fingerprint_parts[n]))
+            for n, workdir in enumerate(workdirs)]
   steps = [saver.latest_step() for saver in savers]
   if len(set(steps)) > 1:
     raise NotTogether(f"phase 2 checkpoints at different iterations: {steps}")
@@ -642,23 +653,16 @@ def run_group(cfg, pd_model, pd_params, lr_images, fixed_kernel=None, workdirs=(
   done = p2.iterations_done(state)
   bar = tqdm.tqdm(total=total, initial=done, desc=f"phase 2 ({mode}, {g} images)", unit="it",
                   disable=not show_progress, dynamic_ncols=True)
-  saved = [int(state.step)]
 
-  def report(m, at):
-    loss = loop.finite(m.loss[-1], "phase 2 loss", f"iteration {at}")
-    return {"t": int(m.t[-1]), "loss": f"{loss:.5f}"}
-
-  def after(state, at, stop):
-    step = int(state.step)
-    if savers and (step // every > saved[0] // every or at >= total or stop):
-      host = ckpt.to_host(state)
-      for n, saver in enumerate(savers):
-        saver.save(at, image_slice(host, n))
-      saved[0] = step
+  def save_each(at, state):  # (one copy to the host, then each image's slice)
+    host = ckpt.to_host(state)
+    for n, saver in enumerate(savers):
+      saver.save(at, image_slice(host, n))
+  after = _checkpoint_policy(save_each, every, total, state.step) if savers else None
   try:
     state, metrics = loop.run_chunks(lambda st: chunk(st, lr_in, rngs, pd_params), state,
                                      done=done, total=total, length=chunk_len, bar=bar,
-                                     report=report, after=after)
+                                     report=_report, after=after)
   finally:
     bar.close()
     for saver in savers:

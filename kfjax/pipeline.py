@@ -185,7 +185,7 @@ def run(image_path, cfg, workdir, kernel_path=None, show_progress=True, method="
   t0 = time.time()
   if cfg.sample.prior == "dip":
     pd_model = pd_params = None
-    p1 = {"steps": 0, "restored_step": None, "final_loss": None, "skipped": "sample.prior=dip"}
+    p1 = phase1.skipped_info("sample.prior=dip")
   else:
     pd_model, pd_params, p1 = phase1.train(cfg, lr_m, workdir, show_progress)
   t1 = time.time()
