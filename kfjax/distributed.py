@@ -15,8 +15,26 @@ in process 0 and ends every process when one fails, unless told otherwise. So:
 import os
 
 # A process that sends no heartbeat for this long counts as dead (JAX's default is 100 s;
-# heartbeats come from a background thread, so long computations do not delay them).
+# heartbeats come from a background thread, so long computations do not delay them). It is
+# also how long process 0 waits, at its end, for a process that was killed; set
+# $KFJAX_HEARTBEAT_SECONDS to change it (shorter on a busy or flaky network is riskier: a
+# live process that misses it is taken for dead).
 HEARTBEAT_SECONDS = 30
+
+
+def heartbeat_seconds(environ=os.environ):
+  """``$KFJAX_HEARTBEAT_SECONDS`` (a whole number of seconds ≥ 2), else
+  :data:`HEARTBEAT_SECONDS`; a bad value raises ``ValueError`` with one line."""
+  raw = environ.get("KFJAX_HEARTBEAT_SECONDS", "").strip()
+  if not raw:
+    return HEARTBEAT_SECONDS
+  try:
+    value = int(raw)
+  except ValueError:
+    value = 0
+  if value < 2:
+    raise ValueError(f"KFJAX_HEARTBEAT_SECONDS must be a whole number of seconds >= 2, got {raw!r}")
+  return value
 
 
 def auto_detected(environ=os.environ):
@@ -32,15 +50,16 @@ def initialize(coordinator=None, num_processes=None, process_id=None, timeout=30
   """``jax.distributed.initialize`` in recoverable mode (the given coordinator, or the
   cluster's own detection); returns ``(process index, process count)``. Must run before
   anything starts JAX's backend."""
+  heartbeat = heartbeat_seconds()
   import jax  # noqa: PLC0415
   jax.config.update("jax_enable_recoverability", True)
   if coordinator is not None:
     jax.distributed.initialize(coordinator, num_processes, process_id,
                                initialization_timeout=timeout,
-                               heartbeat_timeout_seconds=HEARTBEAT_SECONDS)
+                               heartbeat_timeout_seconds=heartbeat)
   else:
     jax.distributed.initialize(initialization_timeout=timeout,
-                               heartbeat_timeout_seconds=HEARTBEAT_SECONDS)
+                               heartbeat_timeout_seconds=heartbeat)
   return jax.process_index(), jax.process_count()
 
 
@@ -53,7 +72,7 @@ def _client():
 def finish(index, count, log=None):
   """Wait, at the end of this process's work, until every other process has finished or
   died: JAX's alive-tasks query blocks until all live tasks have made it, and a task that
-  died (no heartbeat for ``HEARTBEAT_SECONDS``) no longer counts. Process 0 hosts the
+  died (no heartbeat for :func:`heartbeat_seconds`) no longer counts. Process 0 hosts the
   coordination service, so it must not exit before the others; the others wait too,
   which costs them nothing but their exit."""
   client = _client()

@@ -203,6 +203,8 @@ def train(cfg, lr_image, workdir=None, show_progress=True):
         loop.log(f"restored patch diffusion from {saver.path} at step {step}/{total}")
   done = int(state.step)
   if done >= total:
+    if saver is not None:  # (kept with the finished checkpoint)
+      info["final_loss"] = saver.extra("final_loss")
     return model, state.params, info
 
   chunk_len = loop.chunk_size(total, int(cfg.train.steps_per_chunk))
@@ -227,6 +229,8 @@ def train(cfg, lr_image, workdir=None, show_progress=True):
     if saver is not None:
       saver.wait()
   info["final_loss"] = last["loss"]
+  if saver is not None:
+    saver.save_extra(final_loss=info["final_loss"])
   return model, state.params, info
 
 
@@ -260,6 +264,8 @@ def train_group(cfg, lr_images, workdirs, mesh=None, show_progress=True):
     loop.log(f"restored patch diffusion of {g} images at step {start}/{total}")
   done = int(start or 0)
   if done >= total:
+    for info, saver in zip(infos, savers):  # (kept with the finished checkpoints)
+      info["final_loss"] = saver.extra("final_loss")
     return model, state.params, infos
 
   chunk_len = loop.chunk_size(total, int(cfg.train.steps_per_chunk))
@@ -286,4 +292,6 @@ def train_group(cfg, lr_images, workdirs, mesh=None, show_progress=True):
     bar.close()
     for saver in savers:
       saver.wait()
+  for info, saver in zip(infos, savers):
+    saver.save_extra(final_loss=info["final_loss"])
   return model, state.params, infos

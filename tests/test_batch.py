@@ -7,7 +7,6 @@ localhost, one of them killed and the command re-run.
 """
 
 import csv
-import glob
 import json
 import os
 import shutil
@@ -24,13 +23,31 @@ import skimage.data
 
 from kfjax import batch
 from kfjax import config as config_lib
+from kfjax import distributed
 from kfjax import io as kio
 from kfjax.errors import KfjaxError
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
-# A smaller smoke run: a few Phase 1 steps, three reverse steps.
+# A smaller smoke run: a few Phase 1 steps; three reverse steps, 7 Phase 2 iterations, one
+# per chunk and a checkpoint after each, so that a run can be killed between two of them.
 TINY = ["--config", "smoke", "--config.train.steps=4", "--config.train.steps_per_chunk=2",
-        "--config.train.checkpoint_every=2", "--config.sample.num_steps=3", "--quiet"]
+        "--config.train.checkpoint_every=2", "--config.sample.num_steps=3",
+        "--config.sample.iters_per_chunk=1", "--config.sample.checkpoint_every=1", "--quiet"]
+TINY_PHASE2_ITERATIONS = 7
+
+
+def _kill_in_phase2(proc, *workdirs, timeout=600):
+  """SIGKILL ``proc`` as soon as every one of ``workdirs`` holds a finished Phase 2
+  checkpoint that is not the last one (Orbax writes a step into a temporary folder and
+  renames it to the step's number when complete; one step is kept, so one of them is
+  always there once the first is)."""
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    steps = [batch.checkpoint_progress(w)[1] for w in workdirs]
+    if all(s is not None and s < TINY_PHASE2_ITERATIONS for s in steps):
+      break
+    time.sleep(0.005)
+  proc.send_signal(signal.SIGKILL)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -132,13 +149,20 @@ def test_merge_report_is_idempotent_and_prefers_finished_rows(tmp_path):
 
 
 def test_distributed_is_auto_detected_only_on_multi_process_clusters():
-  from kfjax import distributed
   assert not distributed.auto_detected({})
   assert not distributed.auto_detected({"SLURM_NTASKS": "4"})  # sbatch script, not srun
   assert not distributed.auto_detected({"SLURM_STEP_ID": "0", "SLURM_NTASKS": "1"})
   assert distributed.auto_detected({"SLURM_STEP_ID": "0", "SLURM_NTASKS": "8"})
   assert not distributed.auto_detected({"TPU_WORKER_HOSTNAMES": "localhost"})
   assert distributed.auto_detected({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"})
+
+
+def test_heartbeat_comes_from_the_environment_and_bad_values_are_one_line():
+  assert distributed.heartbeat_seconds({}) == distributed.HEARTBEAT_SECONDS
+  assert distributed.heartbeat_seconds({"KFJAX_HEARTBEAT_SECONDS": " 12 "}) == 12
+  for bad in ("1", "ten", "2.5", "-4"):
+    with pytest.raises(ValueError, match="KFJAX_HEARTBEAT_SECONDS must be a whole number"):
+      distributed.heartbeat_seconds({"KFJAX_HEARTBEAT_SECONDS": bad})
 
 
 def test_importing_kfjax_starts_no_backend():
@@ -234,31 +258,56 @@ def grouped_run(tmp_path_factory):
     kio.save_image(str(d / f"s{i}.png"), photo[40 + 50 * i:56 + 50 * i, 180:196])
   kio.save_image(str(d / "wide.png"), photo[200:216, 300:324])
   out = str(root / "out")
-  res = _cli("--images", str(d), "--workdir", out, "--images_per_device", "2", *TINY,
-             env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4 "
-                               "--xla_backend_optimization_level=0"})
-  return d, root, out, res
+  args = ["--images", str(d), "--workdir", out, "--images_per_device", "2", *TINY]
+  env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4 "
+                             "--xla_backend_optimization_level=0"}
+  # Killed (SIGKILL) in the middle of the group's Phase 2, once every image of the group
+  # has a checkpoint, then the same command again.
+  killed = subprocess.Popen([sys.executable, "-m", "kfjax.main", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  _kill_in_phase2(killed, *[os.path.join(out, f"s{i}") for i in range(8)])
+  killed_out, _ = killed.communicate(timeout=600)
+  at_kill = {f"s{i}": batch.checkpoint_progress(os.path.join(out, f"s{i}")) for i in range(8)}
+  res = _cli(*args, env=env)
+  return d, root, out, res, (killed.returncode, killed_out, at_kill)
 
 
 def test_same_size_images_run_together_over_four_devices(grouped_run):
-  _, _, out, res = grouped_run
+  _, _, out, res, (killed_rc, killed_out, at_kill) = grouped_run
+  assert killed_rc == -signal.SIGKILL
+  # The eight ran as one group, 2 per device (the odd size runs alone, never padded).
+  assert "8 images of 16x16 together on 4 device(s): s0, s1" in killed_out, killed_out[-2000:]
   assert res.returncode == 0, res.stderr[-3000:]
   rows = _report(out)
   assert sorted(rows) == [f"s{i}" for i in range(8)] + ["wide"]
-  assert {r["status"] for r in rows.values()} == {"done"}
-  for i in range(8):
-    with open(os.path.join(out, f"s{i}", "summary.json")) as f:
-      group = json.load(f)["group"]
-    assert (group["images"], group["devices"], group["per_device"]) == (8, 4, 2)
+  assert {rows[f"s{i}"]["status"] for i in range(8)} == {"done"}
+  assert rows["wide"]["status"] in ("done", "skipped")   # (it may have finished before the kill)
   with open(os.path.join(out, "wide", "summary.json")) as f:
-    assert "group" not in json.load(f)      # the odd size runs alone, never padded
+    assert "group" not in json.load(f)
+  # The re-run: images that stood at the same checkpoints ran together again, each resumed
+  # from its own (Phase 1 finished, Phase 2 in the middle).
+  together = 0
+  for names, devices in batch.plan_groups(at_kill, devices=4, per_device=2):
+    for name in names:
+      with open(os.path.join(out, name, "summary.json")) as f:
+        summary = json.load(f)
+      assert summary["phase1"]["restored_step"] == 4
+      assert summary["phase2"]["restored_step"] is not None
+      if len(names) > 1:
+        group = summary["group"]
+        assert (group["names"], group["devices"]) == (names, devices)
+      else:
+        assert "group" not in summary
+    together += len(names) if len(names) > 1 else 0
+  assert together >= 2       # the group path restored checkpoints
 
 
 def test_an_image_of_a_group_matches_its_single_run(grouped_run, tmp_path):
-  """Image 5 (the second of the third device) against its run alone, to float tolerance: Phase 1 agrees to rounding; Phase 2's Adam turns rounding in
+  """Image 5 (the second of the third device), from the group that was killed and resumed,
+  against its run alone, to float tolerance: Phase 1 agrees to rounding; Phase 2's Adam turns rounding in
   near-zero gradients (conv biases before BatchNorm) into up to ``lr`` per iteration
   (see tests/test_throughput.py), so its images agree closely, not bit for bit."""
-  d, _, out, _ = grouped_run
+  d, _, out, _, _ = grouped_run
   name = "s5"
   wd = str(tmp_path / name)
   res = _cli("--image", str(d / f"{name}.png"), "--workdir", wd, *TINY)
@@ -298,83 +347,86 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _two_processes(spec, out, kill_when=None):
-  """Both processes of one ``--distributed`` run (2 simulated CPU devices each); with
-  ``kill_when = (pattern, i)``, process i is SIGKILLed as soon as a path matching the glob
-  ``pattern`` exists (e.g. its image's first Phase 2 checkpoint)."""
+def _two_processes(spec, out, victim, image):
+  """Both processes of one ``--distributed`` run (2 simulated CPU devices each); process
+  ``victim`` is SIGKILLed in the middle of ``image``'s Phase 2 (:func:`_kill_in_phase2`)."""
   port = _free_port()
-  env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   procs = [subprocess.Popen(
       [sys.executable, "-m", "kfjax.main", "--images", spec, "--workdir", out, *TINY,
        "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
        "--process_id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env=env) for i in range(2)]
-  if kill_when is not None:
-    pattern, victim = kill_when
-    deadline = time.time() + 600
-    while time.time() < deadline and procs[victim].poll() is None and not glob.glob(pattern):
-      time.sleep(0.05)
-    procs[victim].send_signal(signal.SIGKILL)
+      env=TWO_PROCESS_ENV) for i in range(2)]
+  _kill_in_phase2(procs[victim], os.path.join(out, image))
   outs = [p.communicate(timeout=900) for p in procs]
   return [(p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
 
 
+# Two simulated CPU devices per process; a killed process counts as dead after 10 s
+# instead of 30 (process 0 waits that long for it before it exits).
+TWO_PROCESS_ENV = {**ENV, "KFJAX_HEARTBEAT_SECONDS": "10",
+                   "XLA_FLAGS": "--xla_force_host_platform_device_count=2 "
+                                "--xla_backend_optimization_level=0"}
+
+
 @pytest.fixture(scope="module")
 def two_process_runs(images, tmp_path_factory):
+  """Two processes on images a, b, c; process 1 is killed in the middle of its image's
+  Phase 2 (its share is image c: b and c cost the same and come first, a goes to the less
+  loaded, lower process) while process 0 finishes its share; then the same command again,
+  through launch/local.sh (2 processes on this machine), completes the set."""
   root = tmp_path_factory.mktemp("dist")
   good = root / "imgs"
   os.makedirs(good)
   for name in ("a.png", "b.png", "c.png"):
     os.link(images / name, good / name)
-  # The uninterrupted run goes through launch/local.sh (2 processes on this machine).
+  out = str(root / "out")
+  first = _two_processes(str(good), out, victim=1, image="c")
+  first_rows = _report(out) if os.path.exists(os.path.join(out, "report.csv")) else {}
   script = os.path.join(os.path.dirname(__file__), "..", "launch", "local.sh")
-  res = subprocess.run(["bash", script, "2", str(good), str(root / "whole"), *TINY],
-                       capture_output=True, text=True, timeout=900,
-                       env={**ENV, "PYTHON": sys.executable,
-                            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
-  return good, root, res
+  again = subprocess.run(["bash", script, "2", str(good), out, *TINY], capture_output=True,
+                         text=True, timeout=900, env={**TWO_PROCESS_ENV, "PYTHON": sys.executable})
+  return good, out, first, first_rows, again
 
 
 def test_two_processes_share_the_images_and_merge_one_report(two_process_runs):
-  good, root, res = two_process_runs
-  assert res.returncode == 0, res.stderr[-3000:]
-  assert "Traceback" not in res.stderr
-  rows = _report(str(root / "whole"))
+  good, out, first, first_rows, again = two_process_runs
+  assert first[0][0] == 0, first[0][2][-3000:]              # process 0 finished its share
+  assert first[1][0] == -signal.SIGKILL
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "Traceback" not in again.stderr + first[0][2]
+  # The killed process wrote nothing for c; the survivor's part made a report of its own.
+  assert {n: (r["status"], r["process"]) for n, r in first_rows.items()} == {
+      "a": ("done", "0"), "b": ("done", "0")}
+  rows = _report(out)
   assert sorted(rows) == ["a", "b", "c"]
-  assert {r["status"] for r in rows.values()} == {"done"}
-  by_process = {}
-  for name, r in rows.items():
-    by_process.setdefault(r["process"], []).append(name)
-  assert sorted(by_process) == ["0", "1"]                 # both worked, on disjoint shares
-  parts = sorted(os.listdir(root / "whole" / batch.PARTS))
-  assert parts == ["process-0.json", "process-1.json"]
+  assert (rows["c"]["status"], rows["c"]["process"]) == ("done", "1")
+  assert {rows["a"]["status"], rows["b"]["status"]} <= {"done", "skipped"}
+  assert {rows["a"]["process"], rows["b"]["process"]} == {"0"}   # disjoint shares
+  assert sorted(os.listdir(os.path.join(out, batch.PARTS))) == ["process-0.json", "process-1.json"]
   for name in rows:
-    with open(root / "whole" / name / "summary.json") as f:
+    with open(os.path.join(out, name, "summary.json")) as f:
       assert json.load(f)["image"] == str(good / f"{name}.png")
 
 
-def test_a_killed_process_loses_only_its_unfinished_work(two_process_runs):
-  """Process 1 is killed in the middle of its image's Phase 2 (its share is image c:
-  b and c cost the same and come first, a goes to the less loaded, lower process);
-  process 0 finishes its share; re-running the same command completes the set, with
-  results equal to the uninterrupted run's."""
-  good, root, _ = two_process_runs
-  assert _report(str(root / "whole"))["c"]["process"] == "1"
-  out = str(root / "killed")
-  first = _two_processes(str(good), out,
-                         kill_when=(os.path.join(out, "c", "checkpoints", "phase2", "[0-9]*"), 1))
-  assert first[0][0] == 0, first[0][2][-3000:]
-  assert first[1][0] == -signal.SIGKILL
-  again = _two_processes(str(good), out)
-  for rc, _, err in again:
-    assert rc == 0, err[-3000:]
-  rows = _report(out)
-  assert sorted(rows) == ["a", "b", "c"]
-  assert {r["status"] for r in rows.values()} <= {"done", "skipped"}
-  for name in rows:
+def test_a_killed_process_loses_only_its_unfinished_work(two_process_runs, one_process, images):
+  """The re-run resumes c from the checkpoint the killed process left, and every image
+  equals the uninterrupted one-process batch's result for it."""
+  _, out, _, _, _ = two_process_runs
+  with open(os.path.join(out, "c", "summary.json")) as f:
+    assert json.load(f)["phase2"]["restored_step"] is not None
+  whole = one_process[0]
+  by_image = {}
+  for name in os.listdir(whole):
+    path = os.path.join(whole, name, "summary.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        by_image[json.load(f)["image"]] = name
+  for name in ("a", "b", "c"):
+    ref = os.path.join(whole, by_image[str(images / f"{name}.png")])
     np.testing.assert_allclose(np.load(os.path.join(out, name, "kernel.npy")),
-                               np.load(os.path.join(root, "whole", name, "kernel.npy")),
-                               rtol=1e-5, atol=1e-7)
+                               np.load(os.path.join(ref, "kernel.npy")), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(kio.load_image(os.path.join(out, name, "sr.png"))[0],
+                               kio.load_image(os.path.join(ref, "sr.png"))[0], atol=1.5 / 255)
 
 
 def test_launch_scripts_parse():

@@ -112,6 +112,7 @@ def test_rerun_restores_pd_and_nonblind_uses_given_kernel(blind_run, lr_png):
   assert res.returncode == 0, res.stderr[-3000:]
   summary = json.load(open(os.path.join(wd, "summary.json")))
   assert summary["phase1"]["restored_step"] == 6
+  assert np.isfinite(summary["phase1"]["final_loss"])   # kept with the finished checkpoint
   assert summary["mode"] == "nonblind"
   assert summary["phase2"]["final_restore"]["init"] == "phase2"   # restore.final ran
   k_true = np.load(lr_png[1])
