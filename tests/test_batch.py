@@ -410,7 +410,9 @@ def test_two_processes_share_the_images_and_merge_one_report(two_process_runs):
 
 def test_a_killed_process_loses_only_its_unfinished_work(two_process_runs, one_process, images):
   """The re-run resumes c from the checkpoint the killed process left, and every image
-  equals the uninterrupted one-process batch's result for it."""
+  equals the uninterrupted one-process batch's result for it, to float tolerance: the
+  processes' simulated devices split XLA's threads differently, and Phase 2's Adam turns
+  rounding into up to ``lr`` per iteration (see the group test above)."""
   _, out, _, _, _ = two_process_runs
   with open(os.path.join(out, "c", "summary.json")) as f:
     assert json.load(f)["phase2"]["restored_step"] is not None
@@ -421,12 +423,15 @@ def test_a_killed_process_loses_only_its_unfinished_work(two_process_runs, one_p
     if os.path.exists(path):
       with open(path) as f:
         by_image[json.load(f)["image"]] = name
+  srs = {}
   for name in ("a", "b", "c"):
     ref = os.path.join(whole, by_image[str(images / f"{name}.png")])
     np.testing.assert_allclose(np.load(os.path.join(out, name, "kernel.npy")),
-                               np.load(os.path.join(ref, "kernel.npy")), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(kio.load_image(os.path.join(out, name, "sr.png"))[0],
-                               kio.load_image(os.path.join(ref, "sr.png"))[0], atol=1.5 / 255)
+                               np.load(os.path.join(ref, "kernel.npy")), rtol=1e-4, atol=1e-6)
+    srs[name] = kio.load_image(os.path.join(out, name, "sr.png"))[0]
+    diff = np.mean(np.abs(srs[name] - kio.load_image(os.path.join(ref, "sr.png"))[0]))
+    assert diff < 0.01, (name, diff)
+  assert np.mean(np.abs(srs["b"] - srs["c"])) > 0.05   # (images differ: the check can fail)
 
 
 def test_launch_scripts_parse():
