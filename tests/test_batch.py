@@ -304,9 +304,10 @@ def test_same_size_images_run_together_over_four_devices(grouped_run):
 
 def test_an_image_of_a_group_matches_its_single_run(grouped_run, tmp_path):
   """Image 5 (the second of the third device), from the group that was killed and resumed,
-  against its run alone, to float tolerance: Phase 1 agrees to rounding; Phase 2's Adam turns rounding in
-  near-zero gradients (conv biases before BatchNorm) into up to ``lr`` per iteration
-  (see tests/test_throughput.py), so its images agree closely, not bit for bit."""
+  against its run alone, to float tolerance: Phase 1 agrees to rounding; Phase 2's Adam
+  turns rounding in near-zero gradients (conv biases before BatchNorm) into up to ``lr``
+  per iteration (see tests/test_throughput.py), so its images agree closely, not bit for
+  bit."""
   d, _, out, _, _ = grouped_run
   name = "s5"
   wd = str(tmp_path / name)
