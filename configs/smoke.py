@@ -46,4 +46,16 @@ def get_config():
   kg.crop_size = 16
   kg.switch_iter = 2
   kg.lambda_update_freq = 2
+  dd = cfg.ddm4ip                    # --method ddm4ip: tiny nets, a few steps
+  dd.patch = 4
+  dd.g_sizes = (3, 1)
+  dd.channels = 4
+  dd.levels = 2
+  dd.emb_dim = 8
+  dd.flow_steps = 4
+  dd.flow_batch = 4
+  dd.match_steps = 4
+  dd.match_batch = 2
+  dd.g_channels = 4
+  dd.steps_per_chunk = 2
   return cfg

@@ -214,7 +214,7 @@ def _crops(image, probs, grid_w, crop, batch, key):
       tops, lefts)
 
 
-def _geometry(gen, crop_g):
+def output_window(gen, crop_g):
   """Slice of G's output on a ``crop_g`` crop that never sees the padding."""
   s, k, f = int(gen.scale), gen.ksize, gen.field
   off = (s - k) // 2 + (k - f) // 2        # G output i reads input s·i + off … + F − 1
@@ -236,7 +236,7 @@ class KernelGAN:
                               kernel=int(kc.d_kernel))
     crop = min(int(kc.crop_size), h, w)
     self.crop_g = crop - crop % self.scale_g
-    self.lo, self.hi = _geometry(self.gen, self.crop_g)
+    self.lo, self.hi = output_window(self.gen, self.crop_g)
     self.crop_d = self.hi - self.lo
     if self.crop_d < int(kc.d_kernel):
       raise KfjaxError(

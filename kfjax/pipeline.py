@@ -9,7 +9,8 @@
 
 The pipeline only orchestrates; each phase owns its loop: :func:`kfjax.phase1.train`
 (returns trained PD parameters), :func:`kfjax.phase2.run` (returns the HR image and
-kernel as arrays) and :func:`kfjax.kernelgan.estimate_kernel`.
+kernel as arrays), :func:`kfjax.kernelgan.estimate_kernel` and
+:func:`kfjax.ddm4ip.estimate_kernel`.
 """
 
 import json
@@ -23,17 +24,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from kfjax import config as config_lib
+from kfjax import ddm4ip
 from kfjax import io as kio
 from kfjax import kernelgan
 from kfjax import phase1
 from kfjax import phase2
 from kfjax import resize
+from kfjax import restore
 from kfjax.errors import KfjaxError
 from kfjax.loop import log
 from kfjax.models import kernel_net
 
 MIN_LR_SIZE = 16
-METHODS = ("kernelfusion", "kernelgan")
+METHODS = ("kernelfusion", "kernelgan", "ddm4ip")
+# Methods whose kernel comes from another estimator before the SR step.
+TWO_STEP = {"kernelgan": "KernelGAN", "ddm4ip": "DDM4IP"}
 
 
 def device_description():
@@ -73,6 +78,7 @@ def validate_config(cfg):
   checks += phase2.checks(cfg)
   checks += kernel_net.checks(cfg.kernel, phase2.kernel_size(cfg), int(cfg.scale))
   checks += kernelgan.checks(cfg.kernelgan)
+  checks += ddm4ip.checks(cfg.ddm4ip)
   for ok, msg in checks:
     if not ok:
       raise KfjaxError(msg)
@@ -98,8 +104,9 @@ def prepare(image_path, cfg, workdir, kernel_path=None, show_progress=True,
   started = time.time()
   if method not in METHODS:
     raise KfjaxError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-  if method == "kernelgan" and kernel_path:
-    raise KfjaxError("--kernel and --method kernelgan exclude each other (KernelGAN estimates it)")
+  if method in TWO_STEP and kernel_path:
+    raise KfjaxError(f"--kernel and --method {method} exclude each other "
+                     f"({TWO_STEP[method]} estimates it)")
   scale = int(cfg.scale)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
@@ -116,7 +123,8 @@ def prepare(image_path, cfg, workdir, kernel_path=None, show_progress=True,
   log(f"preset '{cfg.name}' on {device_description()}; image {info.width}x{info.height}x"
       f"{info.channels} ({info.bit_depth}-bit {info.format}), scale x{scale}, "
       f"{'non-blind (kernel given)' if fixed is not None else 'blind'}"
-      f"{', KernelGAN kernel + non-blind phase 2' if method == 'kernelgan' else ''}")
+      f"{', KernelGAN kernel + non-blind phase 2' if method == 'kernelgan' else ''}"
+      f"{', DDM4IP kernel + TV restoration' if method == 'ddm4ip' else ''}")
   kio.save_text_atomic(os.path.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2))
 
   bicubic = np.clip(np.asarray(resize.upscale(jnp.asarray(img), scale)), 0.0, 1.0)
@@ -126,6 +134,11 @@ def prepare(image_path, cfg, workdir, kernel_path=None, show_progress=True,
   if method == "kernelgan":
     log(f"estimating the kernel with KernelGAN ({cfg.kernelgan.iterations} iterations)")
     fixed, kg_info = kernelgan.estimate_kernel(img, scale, cfg, show_progress)
+  elif method == "ddm4ip":
+    dc = cfg.ddm4ip
+    log(f"estimating the kernel with DDM4IP ({dc.flow_steps} flow-matching steps, "
+        f"{dc.match_steps} distribution-matching steps)")
+    fixed, kg_info = ddm4ip.estimate_kernel(img, scale, cfg, show_progress)
   return Prepared(image_path, workdir, img, info, img * 2.0 - 1.0, fixed, kg_info, started)
 
 
@@ -160,7 +173,7 @@ def write_outputs(prep, cfg, hr, kernel, p1, p2, method="kernelfusion", group=No
       "kernel_path": os.path.abspath(paths["kernel.npy"]),
   }
   if prep.kernelgan is not None:
-    summary["kernelgan"] = prep.kernelgan
+    summary[method] = prep.kernelgan
   if group is not None:
     summary["group"] = group
   kio.save_text_atomic(paths["summary.json"], json.dumps(summary, indent=2))
@@ -177,12 +190,20 @@ def run(image_path, cfg, workdir, kernel_path=None, show_progress=True, method="
 
   ``method="kernelgan"`` estimates the kernel with KernelGAN (``kfjax.kernelgan``,
   ``cfg.kernelgan``) and then runs the non-blind Phase 2 with it (Phase 1 still trains
-  PD, which Phase 2 needs). With ``sample.prior = "dip"`` Phase 1 is skipped (no PD).
+  PD, which Phase 2 needs). ``method="ddm4ip"`` estimates it with DDM4IP
+  (``kfjax.ddm4ip``, ``cfg.ddm4ip``) and restores with the TV solver (``cfg.restore``). With ``sample.prior = "dip"`` Phase 1 is skipped (no PD).
   """
   validate_config(cfg)
   prep = prepare(image_path, cfg, workdir, kernel_path, show_progress, method)
   lr_m = prep.lr
   t0 = time.time()
+  if method == "ddm4ip":
+    # Two-step: DDM4IP's kernel (estimated in prepare) and the TV restoration; no PD.
+    x, values = restore.solve_cfg(prep.image, prep.fixed, int(cfg.scale), cfg.restore)
+    p1 = {**phase1.skipped_info("method ddm4ip"), "seconds": 0.0}
+    p2 = {"mode": "ddm4ip", "restore_steps": int(cfg.restore.steps),
+          "final_loss": float(values[-1]), "seconds": round(time.time() - t0, 2)}
+    return write_outputs(prep, cfg, np.asarray(x) * 2.0 - 1.0, prep.fixed, p1, p2, method)
   if cfg.sample.prior == "dip":
     pd_model = pd_params = None
     p1 = phase1.skipped_info("sample.prior=dip")

@@ -169,7 +169,7 @@ def test_importing_kfjax_starts_no_backend():
   """``jax.distributed.initialize`` must come before JAX's backend starts; kfjax's
   modules must not start it at import (e.g. by compiling at module level)."""
   code = ("import jax; from jax._src import xla_bridge as xb\n"
-          "from kfjax import batch, main, pipeline, phase1, phase2, kernelgan, restore\n"
+          "from kfjax import batch, main, pipeline, phase1, phase2, kernelgan, ddm4ip, restore\n"
           "print(bool(xb._backends))")
   res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV,
                        timeout=300)

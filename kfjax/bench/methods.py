@@ -293,3 +293,18 @@ def kernelgan_method(case, cfg, workdir):
   sr, _, t2 = phase2(case, cfg, (model, params), fixed_kernel=k)
   return Result(sr=sr, kernel=k, seconds=t_kg + t1 + t2,
                 info={"seconds_kernelgan": t_kg, "seconds_phase1": t1, "seconds_phase2": t2})
+
+
+@register("ddm4ip")
+def ddm4ip_method(case, cfg, workdir):
+  """DDM4IP's kernel (``kfjax.ddm4ip``) + the TV restoration (``cfg.restore``), two-step."""
+  del workdir
+  from kfjax import ddm4ip  # noqa: PLC0415
+  cfg = _prepare(case, cfg)
+  t0 = time.time()
+  k, info = ddm4ip.estimate_kernel(case.lr, case.spec.scale, cfg, show_progress=False)
+  t_dd = time.time() - t0
+  sr, t_tv = _tv(case, cfg, k)
+  return Result(sr=sr, kernel=k, seconds=t_dd + t_tv,
+                info={"seconds_ddm4ip": t_dd, "seconds_tv": t_tv,
+                      "mismatch": info["match"]["final"]["mismatch"]})
