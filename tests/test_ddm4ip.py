@@ -229,7 +229,7 @@ def trained(lr_image):
 
 
 def test_training_runs_every_step_and_the_kernel_is_what_the_net_does(trained, lr_image):
-  cfg, dc, info = trained["cfg"], trained["cfg"].ddm4ip, trained["info"]
+  dc, info = trained["cfg"].ddm4ip, trained["info"]
   assert dc.flow_steps // dc.steps_per_chunk >= 2 and dc.match_steps // dc.steps_per_chunk >= 2
   assert int(trained["flow"].it) == dc.flow_steps and int(trained["match"].it) == dc.match_steps
   assert info["flow"]["steps"] == dc.flow_steps and np.isfinite(info["flow"]["final_loss"])
