@@ -92,7 +92,7 @@ class Prepared(NamedTuple):
   info: Any                # kfjax.io's ImageInfo
   lr: np.ndarray           # the image in [−1, 1], what both phases see
   fixed: Optional[np.ndarray]  # the kernel of a non-blind run (given or KernelGAN's)
-  kernelgan: Optional[dict]
+  estimator: Optional[dict]   # the kernel estimator's info (KernelGAN, DDM4IP)
   started: float
 
 
@@ -130,16 +130,16 @@ def prepare(image_path, cfg, workdir, kernel_path=None, show_progress=True,
   bicubic = np.clip(np.asarray(resize.upscale(jnp.asarray(img), scale)), 0.0, 1.0)
   kio.save_image(os.path.join(workdir, "bicubic.png"), bicubic, bit_depth=info.bit_depth)
 
-  kg_info = None
+  est_info = None
   if method == "kernelgan":
     log(f"estimating the kernel with KernelGAN ({cfg.kernelgan.iterations} iterations)")
-    fixed, kg_info = kernelgan.estimate_kernel(img, scale, cfg, show_progress)
+    fixed, est_info = kernelgan.estimate_kernel(img, scale, cfg, show_progress)
   elif method == "ddm4ip":
     dc = cfg.ddm4ip
     log(f"estimating the kernel with DDM4IP ({dc.flow_steps} flow-matching steps, "
         f"{dc.match_steps} distribution-matching steps)")
-    fixed, kg_info = ddm4ip.estimate_kernel(img, scale, cfg, show_progress)
-  return Prepared(image_path, workdir, img, info, img * 2.0 - 1.0, fixed, kg_info, started)
+    fixed, est_info = ddm4ip.estimate_kernel(img, scale, cfg, show_progress)
+  return Prepared(image_path, workdir, img, info, img * 2.0 - 1.0, fixed, est_info, started)
 
 
 def write_outputs(prep, cfg, hr, kernel, p1, p2, method="kernelfusion", group=None):
@@ -172,13 +172,16 @@ def write_outputs(prep, cfg, hr, kernel, p1, p2, method="kernelfusion", group=No
       "sr_path": os.path.abspath(paths["sr.png"]),
       "kernel_path": os.path.abspath(paths["kernel.npy"]),
   }
-  if prep.kernelgan is not None:
-    summary[method] = prep.kernelgan
+  if prep.estimator is not None:
+    summary[method] = prep.estimator
   if group is not None:
     summary["group"] = group
   kio.save_text_atomic(paths["summary.json"], json.dumps(summary, indent=2))
-  log(f"done in {summary['total_seconds']:.1f} s (phase 1 {p1['seconds']:.1f} s, phase 2 "
-      f"{p2['seconds']:.1f} s); outputs in {os.path.abspath(workdir)}")
+  if method == "ddm4ip":
+    parts = f"DDM4IP {prep.estimator['seconds']:.1f} s, restoration {p2['seconds']:.1f} s"
+  else:
+    parts = f"phase 1 {p1['seconds']:.1f} s, phase 2 {p2['seconds']:.1f} s"
+  log(f"done in {summary['total_seconds']:.1f} s ({parts}); outputs in {os.path.abspath(workdir)}")
   return summary
 
 
