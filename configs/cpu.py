@@ -87,7 +87,7 @@ def get_config():
   dd.channels = 32
   dd.levels = 2
   dd.emb_dim = 64
-  dd.flow_steps = 1500
+  dd.flow_steps = 1000
   dd.flow_batch = 32
   dd.flow_lr = 2e-3
   dd.flow_ema = 0.99

@@ -117,13 +117,15 @@ def ikl_surrogate(v_fake, v_real, y1, z0, t, weighting="score"):
   ``z0`` noise, ``t`` (B,) times. The score difference at ``y_t`` is a constant of the
   backward pass (stop-gradient), so ``∂/∂ω`` of ``mean_b Σ (s_fake − s_real)·y_t`` is the
   Monte-Carlo estimate of ``E[(s_fake − s_real)ᵀ ∂y_t/∂ω]``, i.e. of ``∂/∂ω`` of
-  ``E_t KL(fake_t ‖ real_t)`` over the distribution ``t`` is drawn from.
+  ``E_t KL(fake_t ‖ real_t)`` over the distribution ``t`` is drawn from. The surrogate is
+  that divided by the number of elements of one sample (the IKL per pixel and channel), so
+  that the regularisers' weights do not depend on the patch size.
   Returns ``(surrogate, mean squared velocity difference)`` (the latter for logging).
   """
   yt = interpolate(z0, y1, t)
   dv = jax.lax.stop_gradient(v_fake(yt, t) - v_real(yt, t))
   g = _bt(ikl_weight(t, weighting), dv) * dv
-  surrogate = jnp.sum(g * yt) / y1.shape[0]
+  surrogate = jnp.mean(g * yt)
   return surrogate, jnp.mean(dv ** 2)
 
 

@@ -102,7 +102,7 @@ def ikl_gradient_fn(width_true, t_max, per_t=4000, n_t=64, weighting="score"):
     def surrogate(w):
       y1 = x @ blur_matrix(w).T + NOISE * e
       return ddm4ip.ikl_surrogate(v_fake, v_real, y1, z0, t, weighting)[0]
-    return jax.grad(surrogate)(width)
+    return jax.grad(surrogate)(width) * N_DIM   # the surrogate is per element
   return lambda width, key: float(grad(jnp.float64(width), key))
 
 
