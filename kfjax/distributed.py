@@ -8,8 +8,12 @@ in process 0 and ends every process when one fails, unless told otherwise. So:
 * :func:`initialize` turns on JAX's recoverable mode first, so that a process that dies
   (or is preempted) leaves the others running;
 * process 0 hosts the service, so it must outlive the others: :func:`finish` waits until
-  every other process is done or dead. If process 0 itself dies, the others stop too;
-  re-running the command finishes what is missing.
+  every other process is done or dead. If process 0 itself dies, the others stop too,
+  within about a second: JAX's client polls the service for errors and ends its process
+  when the service is gone (``jax.distributed.initialize`` passes no way to change that),
+  and Orbax's checkpoints signal each other through the same service's key-value store,
+  so a survivor could not save anyway. Each stops where a ``kill -9`` would (at most one
+  checkpoint interval lost per image); re-running the command finishes what is missing.
 """
 
 import os
