@@ -97,4 +97,9 @@ def get_config():
   dd.kernel_lr = 5e-4
   dd.g_channels = 32
   dd.steps_per_chunk = 100
+  # --method ike: the paper's 3000 iterations with 16-channel networks (as KernelGAN here).
+  ik = cfg.ike
+  ik.hidden = 16
+  ik.u_channels = 16
+  ik.d_channels = 16
   return cfg

@@ -58,4 +58,16 @@ def get_config():
   dd.match_batch = 2
   dd.g_channels = 4
   dd.steps_per_chunk = 2
+  ik = cfg.ike                       # --method ike: tiny nets, a few iterations
+  ik.iterations = 4
+  ik.couplings = 2
+  ik.hidden = 4
+  ik.u_layers = 2
+  ik.u_channels = 4
+  ik.d_channels = 4
+  ik.d_depth = 3
+  ik.d_kernel = 3
+  ik.crop = 16
+  ik.energy_size = 3
+  ik.steps_per_chunk = 2
   return cfg

@@ -161,6 +161,30 @@ def base_config():
       t_max=0.95,           # IKL's times drawn from U[0, t_max] (t/(1-t) diverges at 1)
       steps_per_chunk=100,
   ))
+
+  # IKE (seed 002) as a blind SR method (``--method ike``): kernel and SR image from one
+  # invertible network; defaults are the paper's where it gives them.
+  cfg.ike = ml_collections.ConfigDict(dict(
+      iterations=3000,      # encoding + decoding phase per iteration
+      couplings=4,          # K tri-channel coupling layers per downscaling block
+      hidden=32,            # φ, σ, ρ hidden channels (not given in the paper)
+      u_layers=8,           # Z-upsampling module: 8 hidden layers of 64 channels
+      u_channels=64,
+      d_channels=64,        # PD1, PD2: KernelGAN's discriminator
+      d_depth=7,
+      d_kernel=7,
+      lr=2e-4,              # Adam as KernelGAN's (not given in the paper)
+      beta1=0.5,
+      w_energy_start=4.0,   # energy weight, 4 falling linearly to 1
+      w_energy_end=1.0,
+      energy_size=9,        # the energy loss's mean filter
+      w_bwd=5.0,
+      w_tv=1.0,
+      w_inter=5.0,
+      crop=64,              # LR crop per iteration (multiple of s²)
+      kernel_size=0,        # impulse-response kernel's grid; 0: 6 x scale
+      steps_per_chunk=100,
+  ))
   return cfg
 
 

@@ -1,5 +1,5 @@
 """Command line: ``python -m kfjax.main --image x.png [--scale 4] [--config FILE] [--workdir DIR]
-[--method kernelfusion|kernelgan|ddm4ip]``, or ``--images SPEC --workdir OUT`` for many images
+[--method kernelfusion|kernelgan|ddm4ip|ike]``, or ``--images SPEC --workdir OUT`` for many images
 (a glob, a folder or ``@list.txt``; with ``--distributed`` over the processes of a
 ``jax.distributed`` run).
 
@@ -59,10 +59,11 @@ _COMPILE_CACHE = flags.DEFINE_string(
     "Folder for JAX's persistent compilation cache: later runs on same-size images skip "
     "compiling. Default: $JAX_COMPILATION_CACHE_DIR, "
     "else $XDG_CACHE_HOME/kfjax/jax (~/.cache/kfjax/jax); '' turns it off.")
-_METHOD = flags.DEFINE_enum("method", "kernelfusion", ["kernelfusion", "kernelgan", "ddm4ip"],
+_METHOD = flags.DEFINE_enum("method", "kernelfusion", ["kernelfusion", "kernelgan", "ddm4ip", "ike"],
                             "kernelfusion (blind, the default); kernelgan: KernelGAN estimates "
                             "the kernel, then KernelFusion's non-blind Phase 2 uses it; ddm4ip: "
-                            "DDM4IP estimates the kernel, then the TV solver restores.")
+                            "DDM4IP estimates the kernel, then the TV solver restores; ike: IKE's "
+                            "invertible network gives both.")
 
 
 def _init_distributed(coordinator, num_processes, process_id):

@@ -25,6 +25,7 @@ import numpy as np
 
 from kfjax import config as config_lib
 from kfjax import ddm4ip
+from kfjax import ike
 from kfjax import io as kio
 from kfjax import kernelgan
 from kfjax import phase1
@@ -36,9 +37,11 @@ from kfjax.loop import log
 from kfjax.models import kernel_net
 
 MIN_LR_SIZE = 16
-METHODS = ("kernelfusion", "kernelgan", "ddm4ip")
+METHODS = ("kernelfusion", "kernelgan", "ddm4ip", "ike")
 # Methods whose kernel comes from another estimator before the SR step.
 TWO_STEP = {"kernelgan": "KernelGAN", "ddm4ip": "DDM4IP"}
+# Methods that estimate the kernel themselves (a given --kernel makes no sense with them).
+ESTIMATORS = {**TWO_STEP, "ike": "IKE"}
 
 
 def device_description():
@@ -79,6 +82,7 @@ def validate_config(cfg):
   checks += kernel_net.checks(cfg.kernel, phase2.kernel_size(cfg), int(cfg.scale))
   checks += kernelgan.checks(cfg.kernelgan)
   checks += ddm4ip.checks(cfg.ddm4ip)
+  checks += ike.checks(cfg.ike)
   for ok, msg in checks:
     if not ok:
       raise KfjaxError(msg)
@@ -104,9 +108,9 @@ def prepare(image_path, cfg, workdir, kernel_path=None, show_progress=True,
   started = time.time()
   if method not in METHODS:
     raise KfjaxError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-  if method in TWO_STEP and kernel_path:
+  if method in ESTIMATORS and kernel_path:
     raise KfjaxError(f"--kernel and --method {method} exclude each other "
-                     f"({TWO_STEP[method]} estimates it)")
+                     f"({ESTIMATORS[method]} estimates it)")
   scale = int(cfg.scale)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
@@ -124,7 +128,8 @@ def prepare(image_path, cfg, workdir, kernel_path=None, show_progress=True,
       f"{info.channels} ({info.bit_depth}-bit {info.format}), scale x{scale}, "
       f"{'non-blind (kernel given)' if fixed is not None else 'blind'}"
       f"{', KernelGAN kernel + non-blind phase 2' if method == 'kernelgan' else ''}"
-      f"{', DDM4IP kernel + TV restoration' if method == 'ddm4ip' else ''}")
+      f"{', DDM4IP kernel + TV restoration' if method == 'ddm4ip' else ''}"
+      f"{', IKE (kernel and SR image)' if method == 'ike' else ''}")
   kio.save_text_atomic(os.path.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2))
 
   bicubic = np.clip(np.asarray(resize.upscale(jnp.asarray(img), scale)), 0.0, 1.0)
@@ -179,6 +184,8 @@ def write_outputs(prep, cfg, hr, kernel, p1, p2, method="kernelfusion", group=No
   kio.save_text_atomic(paths["summary.json"], json.dumps(summary, indent=2))
   if method == "ddm4ip":
     parts = f"DDM4IP {prep.estimator['seconds']:.1f} s, restoration {p2['seconds']:.1f} s"
+  elif method == "ike":
+    parts = "IKE"
   else:
     parts = f"phase 1 {p1['seconds']:.1f} s, phase 2 {p2['seconds']:.1f} s"
   log(f"done in {summary['total_seconds']:.1f} s ({parts}); outputs in {os.path.abspath(workdir)}")
@@ -194,12 +201,19 @@ def run(image_path, cfg, workdir, kernel_path=None, show_progress=True, method="
   ``method="kernelgan"`` estimates the kernel with KernelGAN (``kfjax.kernelgan``,
   ``cfg.kernelgan``) and then runs the non-blind Phase 2 with it (Phase 1 still trains
   PD, which Phase 2 needs). ``method="ddm4ip"`` estimates it with DDM4IP
-  (``kfjax.ddm4ip``, ``cfg.ddm4ip``) and restores with the TV solver (``cfg.restore``). With ``sample.prior = "dip"`` Phase 1 is skipped (no PD).
+  (``kfjax.ddm4ip``, ``cfg.ddm4ip``) and restores with the TV solver (``cfg.restore``);
+  ``method="ike"`` runs IKE (``kfjax.ike``, ``cfg.ike``), which gives both. With ``sample.prior = "dip"`` Phase 1 is skipped (no PD).
   """
   validate_config(cfg)
   prep = prepare(image_path, cfg, workdir, kernel_path, show_progress, method)
   lr_m = prep.lr
   t0 = time.time()
+  if method == "ike":
+    log(f"IKE ({cfg.ike.iterations} iterations)")
+    sr, k, info = ike.run(prep.image, int(cfg.scale), cfg, show_progress)
+    p1 = {**phase1.skipped_info("method ike"), "seconds": 0.0}
+    p2 = {"mode": "ike", "seconds": round(time.time() - t0, 2)}
+    return write_outputs(prep._replace(estimator=info), cfg, sr * 2.0 - 1.0, k, p1, p2, method)
   if method == "ddm4ip":
     # Two-step: DDM4IP's kernel (estimated in prepare) and the TV restoration; no PD.
     x, values = restore.solve_cfg(prep.image, prep.fixed, int(cfg.scale), cfg.restore)

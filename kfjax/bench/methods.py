@@ -308,3 +308,15 @@ def ddm4ip_method(case, cfg, workdir):
   return Result(sr=sr, kernel=k, seconds=t_dd + t_tv,
                 info={"seconds_ddm4ip": t_dd, "seconds_tv": t_tv,
                       "mismatch": info["match"]["final"]["mismatch"]})
+
+
+@register("ike")
+def ike_method(case, cfg, workdir):
+  """IKE (``kfjax.ike``): kernel (impulse response) and SR image from one invertible net."""
+  del workdir
+  from kfjax import ike  # noqa: PLC0415
+  cfg = _prepare(case, cfg)
+  t0 = time.time()
+  sr, k, _ = ike.run(case.lr, case.spec.scale, cfg, show_progress=False)
+  return Result(sr=np.asarray(sr, np.float64), kernel=k, seconds=time.time() - t0)
+

@@ -1,0 +1,105 @@
+"""IKE (``kfjax.ike``) and ``--method ike``, smoke-sized; IKENet's invertibility is in
+``test_ikenet.py``."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import skimage.data
+
+from kfjax import config as config_lib
+from kfjax import degrade
+from kfjax import ike
+from kfjax import io as kio
+from kfjax.errors import KfjaxError
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def _gaussian(size, sigma):
+  r = np.arange(size) - (size - 1) / 2
+  k = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma ** 2))
+  return k / k.sum()
+
+
+@pytest.mark.parametrize("scale,size", [(2, 12), (4, 24), (2, 7)])
+def test_impulse_kernel_recovers_a_linear_downscalers_kernel(scale, size):
+  """On kfjax's own linear operator the impulse responses give its kernel back exactly."""
+  k = np.random.default_rng(size).random((size, size)) * _gaussian(size, size / 4)
+  k /= k.sum()
+  got = ike.impulse_kernel(lambda x: degrade.downscale(x, jnp.asarray(k, jnp.float32), scale),
+                           size, scale, 3)
+  np.testing.assert_allclose(got, k, atol=1e-6)
+
+
+def test_sobel_mask_and_tv_against_numpy():
+  flat = jnp.full((8, 8, 3), 0.3)
+  np.testing.assert_allclose(np.asarray(ike.sobel_mask(flat)), 1.0)
+  x = np.random.default_rng(1).normal(size=(1, 6, 7, 2))
+  dx, dy = x[:, :-1, 1:] - x[:, :-1, :-1], x[:, 1:, :-1] - x[:, :-1, :-1]
+  assert float(ike.tv(jnp.asarray(x), eps=0.0)) == pytest.approx(np.mean(np.sqrt(dx ** 2 + dy ** 2)), rel=1e-5)
+  edge = np.zeros((8, 8, 1)); edge[:, 4:] = 1.0
+  m = np.asarray(ike.sobel_mask(jnp.asarray(edge)))
+  assert m.min() == pytest.approx(0.0) and m[0, 0, 0] == pytest.approx(1.0)
+  box = np.asarray(ike.mean_filter(jnp.asarray(x, jnp.float32), 3))
+  assert box.shape == (1, 4, 5, 2)
+  np.testing.assert_allclose(box[0, 0, 0, 0], x[0, :3, :3, 0].mean(), rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def lr_image():
+  hr = skimage.data.chelsea()[80:144, 120:184].astype(np.float64) / 255.0
+  return degrade.downscale_np(hr, _gaussian(12, 1.5), 2).astype(np.float32)
+
+
+def test_training_traces_once_and_gives_an_sr_image_and_kernel(lr_image):
+  cfg = config_lib.preset("smoke")
+  y = jnp.asarray(lr_image * 2 - 1)
+  model = ike.IKE(cfg, y.shape, 2)
+  state = model.init(jax.random.key(0))
+  chunk = model.make_chunk(2, 4)
+  maps = (*model.maps(y), y)
+  for _ in range(2):
+    state, metrics = chunk(state, maps, jax.random.key(1))
+  assert chunk._cache_size() == 1 and int(state.it) == 4
+  assert all(np.all(np.isfinite(np.asarray(v))) for v in metrics)
+  sr, k, info = ike.run(lr_image, 2, cfg, show_progress=False)
+  assert sr.shape == (64, 64, 3) and 0 <= sr.min() and sr.max() <= 1
+  assert k.shape == (12, 12) and k.min() >= 0 and abs(k.sum() - 1) < 1e-5
+  assert info["iterations"] == cfg.ike.iterations and np.isfinite(list(info["final"].values())).all()
+  # Untrained-ish (4 iterations): the SR image is still close to the bicubic one it adds to.
+  bic = np.asarray(model.maps(jnp.asarray(lr_image))[2])
+  assert np.mean(np.abs(sr - np.clip(bic, 0, 1))) < 0.1
+
+
+def test_x4_and_bad_scales(lr_image):
+  cfg = config_lib.preset("smoke")
+  sr, k, _ = ike.run(lr_image[:24, :28], 4, cfg, show_progress=False)
+  assert sr.shape == (96, 112, 3) and k.shape == (24, 24)     # padded to 32, cropped back
+  with pytest.raises(KfjaxError, match="x2 and x4"):
+    ike.IKE(cfg, (32, 32, 3), 3)
+  cfg.ike.d_kernel = 15
+  with pytest.raises(KfjaxError, match="too small for IKE"):
+    ike.IKE(cfg, (16, 16, 3), 2)
+
+
+def test_cli_method_ike(tmp_path, lr_image):
+  path = str(tmp_path / "lr.png")
+  kio.save_image(path, lr_image[:20, :24])
+  out = str(tmp_path / "out")
+  run = lambda *extra: subprocess.run(
+      [sys.executable, "-m", "kfjax.main", "--image", path, "--config", "smoke", "--method",
+       "ike", "--workdir", out, "--quiet", *extra], capture_output=True, text=True, env=ENV,
+      timeout=600)
+  res = run()
+  assert res.returncode == 0, res.stderr[-3000:]
+  summary = json.load(open(os.path.join(out, "summary.json")))
+  assert summary["method"] == "ike" and summary["mode"] == "ike" and summary["sr_size"] == [40, 48, 3]
+  assert summary["ike"]["iterations"] == 4 and summary["kernel_size"] == 12
+  res = run("--kernel", os.path.join(out, "kernel.npy"))
+  assert res.returncode != 0 and "exclude each other" in res.stderr and "Traceback" not in res.stderr
