@@ -8,7 +8,8 @@ The PD training budget is the ablation of appendix E / Tables 5-6 (27.19 dB at 6
 ``--config.train.steps=600000``. The other ablations are config fields too
 (``kernel.net``, ``sample.two_unets``, ``sample.prior``; README, "Options (ablations)
 and KernelGAN"), and ``--method kernelgan`` / ``--method ddm4ip`` swap the kernel
-estimator for KernelGAN / DDM4IP (``cfg.ddm4ip``'s defaults are DDM4IP's appendix B.4 sizes).
+estimator for KernelGAN / DDM4IP (``cfg.ddm4ip``'s defaults are DDM4IP's appendix B.4 sizes);
+``--method ike`` runs IKE (``cfg.ike``: the paper's K = 4, 3000 iterations, loss weights).
 
     python -m kfjax.main --image x.png --scale 4 --config configs/paper.py
 
