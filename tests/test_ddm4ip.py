@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import skimage.data
 
 from kfjax import config as config_lib
 from kfjax import ddm4ip
@@ -206,19 +205,6 @@ def test_flow_matching_learns_a_gaussian_transport():
 
 
 # -- the method, smoke-sized ------------------------------------------------------------------
-
-def _gaussian(size, sigma):
-  r = np.arange(size) - (size - 1) / 2
-  k = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma ** 2))
-  return k / k.sum()
-
-
-@pytest.fixture(scope="module")
-def lr_image():
-  """A 32×32 LR crop of a real photo, degraded at ×2 by a known Gaussian."""
-  hr = skimage.data.chelsea()[80:144, 120:184].astype(np.float64) / 255.0
-  return degrade.downscale_np(hr, _gaussian(12, 1.5), 2).astype(np.float32)
-
 
 @pytest.fixture(scope="module")
 def trained(lr_image):

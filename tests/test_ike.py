@@ -10,27 +10,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import skimage.data
 
 from kfjax import config as config_lib
 from kfjax import degrade
 from kfjax import ike
 from kfjax import io as kio
 from kfjax.errors import KfjaxError
+from kfjax.models import kernel_net
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
-
-
-def _gaussian(size, sigma):
-  r = np.arange(size) - (size - 1) / 2
-  k = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma ** 2))
-  return k / k.sum()
 
 
 @pytest.mark.parametrize("scale,size", [(2, 12), (4, 24), (2, 7)])
 def test_impulse_kernel_recovers_a_linear_downscalers_kernel(scale, size):
   """On kfjax's own linear operator the impulse responses give its kernel back exactly."""
-  k = np.random.default_rng(size).random((size, size)) * _gaussian(size, size / 4)
+  k = np.random.default_rng(size).random((size, size)) * kernel_net.gaussian_blob(size, size / 4)
   k /= k.sum()
   got = ike.impulse_kernel(lambda x: degrade.downscale(x, jnp.asarray(k, jnp.float32), scale),
                            size, scale, 3)
@@ -49,12 +43,6 @@ def test_sobel_mask_and_tv_against_numpy():
   box = np.asarray(ike.mean_filter(jnp.asarray(x, jnp.float32), 3))
   assert box.shape == (1, 4, 5, 2)
   np.testing.assert_allclose(box[0, 0, 0, 0], x[0, :3, :3, 0].mean(), rtol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def lr_image():
-  hr = skimage.data.chelsea()[80:144, 120:184].astype(np.float64) / 255.0
-  return degrade.downscale_np(hr, _gaussian(12, 1.5), 2).astype(np.float32)
 
 
 def test_training_traces_once_and_gives_an_sr_image_and_kernel(lr_image):
