@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -45,30 +44,27 @@ def test_sobel_mask_and_tv_against_numpy():
   np.testing.assert_allclose(box[0, 0, 0, 0], x[0, :3, :3, 0].mean(), rtol=1e-5)
 
 
-def test_training_traces_once_and_gives_an_sr_image_and_kernel(lr_image):
+def test_training_traces_once_and_gives_an_sr_image_and_kernel(lr_image, monkeypatch):
+  chunks = []
+  make_chunk = ike.IKE.make_chunk
+
+  def recording(self, steps, total):
+    chunks.append(make_chunk(self, steps, total))
+    return chunks[-1]
+  monkeypatch.setattr(ike.IKE, "make_chunk", recording)
   cfg = config_lib.preset("smoke")
-  y = jnp.asarray(lr_image * 2 - 1)
-  model = ike.IKE(cfg, y.shape, 2)
-  state = model.init(jax.random.key(0))
-  chunk = model.make_chunk(2, 4)
-  maps = (*model.maps(y), y)
-  for _ in range(2):
-    state, metrics = chunk(state, maps, jax.random.key(1))
-  assert chunk._cache_size() == 1 and int(state.it) == 4
-  assert all(np.all(np.isfinite(np.asarray(v))) for v in metrics)
   sr, k, info = ike.run(lr_image, 2, cfg, show_progress=False)
+  assert len(chunks) == 1 and chunks[0]._cache_size() == 1    # 2 chunks of 2, one trace
   assert sr.shape == (64, 64, 3) and 0 <= sr.min() and sr.max() <= 1
   assert k.shape == (12, 12) and k.min() >= 0 and abs(k.sum() - 1) < 1e-5
   assert info["iterations"] == cfg.ike.iterations and np.isfinite(list(info["final"].values())).all()
   # Untrained-ish (4 iterations): the SR image is still close to the bicubic one it adds to.
-  bic = np.asarray(model.maps(jnp.asarray(lr_image))[2])
+  bic = np.asarray(ike.IKE(cfg, lr_image.shape, 2).maps(jnp.asarray(lr_image))[2])
   assert np.mean(np.abs(sr - np.clip(bic, 0, 1))) < 0.1
 
 
-def test_x4_and_bad_scales(lr_image):
+def test_bad_scales_and_sizes():
   cfg = config_lib.preset("smoke")
-  sr, k, _ = ike.run(lr_image[:24, :28], 4, cfg, show_progress=False)
-  assert sr.shape == (96, 112, 3) and k.shape == (24, 24)     # padded to 32, cropped back
   with pytest.raises(KfjaxError, match="x2 and x4"):
     ike.IKE(cfg, (32, 32, 3), 3)
   cfg.ike.d_kernel = 15
@@ -78,16 +74,18 @@ def test_x4_and_bad_scales(lr_image):
 
 def test_cli_method_ike(tmp_path, lr_image):
   path = str(tmp_path / "lr.png")
-  kio.save_image(path, lr_image[:20, :24])
+  kio.save_image(path, lr_image[:24, :28])      # x4 pads to a multiple of 16, crops back
   out = str(tmp_path / "out")
   run = lambda *extra: subprocess.run(
       [sys.executable, "-m", "kfjax.main", "--image", path, "--config", "smoke", "--method",
-       "ike", "--workdir", out, "--quiet", *extra], capture_output=True, text=True, env=ENV,
+       "ike", "--scale", "4", "--workdir", out, "--quiet", *extra], capture_output=True, text=True, env=ENV,
       timeout=600)
   res = run()
   assert res.returncode == 0, res.stderr[-3000:]
   summary = json.load(open(os.path.join(out, "summary.json")))
-  assert summary["method"] == "ike" and summary["mode"] == "ike" and summary["sr_size"] == [40, 48, 3]
-  assert summary["ike"]["iterations"] == 4 and summary["kernel_size"] == 12
+  assert summary["method"] == "ike" and summary["mode"] == "ike" and summary["sr_size"] == [96, 112, 3]
+  assert summary["ike"]["iterations"] == 4 and summary["kernel_size"] == 24
+  k = np.load(os.path.join(out, "kernel.npy"))
+  assert k.shape == (24, 24) and k.min() >= 0 and abs(k.sum() - 1) < 1e-5
   res = run("--kernel", os.path.join(out, "kernel.npy"))
   assert res.returncode != 0 and "exclude each other" in res.stderr and "Traceback" not in res.stderr

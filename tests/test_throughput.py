@@ -274,14 +274,11 @@ def test_sample_keys():
   assert len({int(jax.random.randint(k, (), 0, 2**30)) for k in init3}) == 3
 
 
-@pytest.mark.parametrize("vmap", [True, False])
-def test_phase2_samples_are_averaged(pd_setup, vmap, tmp_path):
-  """``sample.num_samples = 2``: the image and kernel are the means of two runs, each
-  equal to a single run with its ``sample_keys`` — up to vmap rounding (see above) when
-  vmapped, exactly when run one after another (the same program); the two runs really
-  differ, so the mean is not one of them. A re-run restores every sample's checkpoint."""
+@pytest.fixture(scope="module")
+def two_single_samples(pd_setup):
+  """Phase 2 run alone with each of ``sample_keys``' first two keys (one chunk, compiled once)."""
   cfg, model, params, sched = pd_setup
-  cfg = cfg.copy_and_resolve_references()  # the module's cfg is changed by batched_run
+  cfg = cfg.copy_and_resolve_references()
   cfg.sample.iters_per_chunk = 1000  # (the largest divisor of the iterations: one chunk)
   lr = _lr_images(1)[0]
   p2 = phase2.Phase2(cfg, model, params, sched, lr.shape)
@@ -291,6 +288,18 @@ def test_phase2_samples_are_averaged(pd_setup, vmap, tmp_path):
   for j in range(2):
     state, _ = chunk(jax.jit(p2.init)(lr, init_keys[j]), lr, rngs[j])
     singles.append([np.asarray(a, np.float64) for a in p2.result(state)])
+  return cfg, p2.num_steps, lr, singles
+
+
+@pytest.mark.parametrize("vmap", [True, False])
+def test_phase2_samples_are_averaged(pd_setup, two_single_samples, vmap, tmp_path):
+  """``sample.num_samples = 2``: the image and kernel are the means of two runs, each
+  equal to a single run with its ``sample_keys`` — up to vmap rounding (see above) when
+  vmapped, exactly when run one after another (the same program); the two runs really
+  differ, so the mean is not one of them. A re-run restores every sample's checkpoint."""
+  _, model, params, _ = pd_setup
+  cfg, num_steps, lr, singles = two_single_samples
+  cfg = cfg.copy_and_resolve_references()  # (each parameter sets its own sampling options)
   cfg.sample.num_samples, cfg.sample.vmap_samples = 2, vmap
   run = lambda: phase2.run(cfg, model, params, np.asarray(lr), workdir=str(tmp_path),
                            show_progress=False)
@@ -305,7 +314,7 @@ def test_phase2_samples_are_averaged(pd_setup, vmap, tmp_path):
   assert info["samples"] == 2 and len(info["final_loss_per_sample"]) == 2
   np.testing.assert_allclose(info["final_loss"], np.mean(info["final_loss_per_sample"]), rtol=1e-6)
   hr_again, k_again, info_again = run()  # every sample restored from its finished checkpoint
-  assert info_again["restored_step"] == p2.num_steps
+  assert info_again["restored_step"] == num_steps
   for key in ("final_loss", "final_consistency_a", "final_loss_per_sample"):
     assert info_again[key] == info[key]  # kept with the checkpoints
   np.testing.assert_array_equal(hr_again, hr)
