@@ -27,7 +27,9 @@ in distribution. Three steps:
    Regularisers on the explicit kernel ``k`` (B.4): sum to one ``(1 − Σk)²`` (0.1, the net
    is not normalised), centre of mass at the grid centre (0.01), and l1 ``Σ|k|`` (0.1;
    with ``Σk ≈ 1`` this penalises negative taps).
-3. **The SR image**: the found kernel goes to kfjax's non-blind restoration
+3. **The SR image**: the found kernel, after the preset's post-processing of blind
+   estimates (``cfg.kernel.threshold`` / ``blend``, :func:`kfjax.phase2.finish_kernel`, as
+   KernelFusion's; off in the base config), goes to kfjax's non-blind restoration
    (:mod:`kfjax.restore`, ``cfg.restore``): two-step, as the paper pairs it with
    ZSSR / USRNet / DANv2's restorer.
 
@@ -48,6 +50,7 @@ import tqdm
 
 from kfjax import kernelgan
 from kfjax import loop
+from kfjax import phase2
 from kfjax import runtime
 from kfjax.errors import KfjaxError
 from kfjax.models import kernel_net
@@ -348,6 +351,10 @@ def estimate_kernel(lr_image, scale, cfg, show_progress=True):
   k = kernel_net.export_kernel(raw)
   if scale == 4:
     k = kernel_net.export_kernel(kernelgan.compose_x2(k))
+  # The preset's post-processing of blind estimates, as KernelFusion's (the matching's
+  # kernels come out too wide at the `cpu` budget; BENCHMARKS.md, "DDM4IP and IKE").
+  k = kernel_net.export_kernel(phase2.finish_kernel(cfg, k, scale))
   info.update(seconds=round(time.time() - t0, 2), kernel_size=int(k.shape[0]),
-              raw_sum=float(raw.sum()))
+              raw_sum=float(raw.sum()), threshold=float(cfg.kernel.threshold),
+              blend=float(cfg.kernel.blend))
   return k, info

@@ -686,16 +686,18 @@ def run_group(cfg, pd_model, pd_params, lr_images, fixed_kernel=None, workdirs=(
   return out
 
 
-def finish_kernel(cfg, kernel):
+def finish_kernel(cfg, kernel, scale=None):
   """A blind run's kernel after the kfjax options ``kernel.threshold`` (taps below that
   fraction of the maximum zeroed, :func:`kernel_net.threshold_kernel`) and then
-  ``kernel.blend`` (mixed with a centred Gaussian of std ``kernel.blend_sigma × cfg.scale``,
-  :func:`kernel_net.blend_kernel`). Either at 0 leaves the kernel as it is."""
+  ``kernel.blend`` (mixed with a centred Gaussian of std ``kernel.blend_sigma × scale``,
+  :func:`kernel_net.blend_kernel`; ``scale`` defaults to ``cfg.scale``). Either at 0 leaves
+  the kernel as it is."""
   k = cfg.kernel
   if k.threshold > 0:
     kernel = kernel_net.threshold_kernel(kernel, k.threshold)
   if k.blend > 0:
-    kernel = kernel_net.blend_kernel(kernel, k.blend, k.blend_sigma * int(cfg.scale))
+    kernel = kernel_net.blend_kernel(kernel, k.blend,
+                                     k.blend_sigma * int(scale or cfg.scale))
   return kernel
 
 

@@ -266,8 +266,7 @@ def test_chunks_trace_once(lr_image):
 
 
 def test_estimate_kernel_is_valid_and_x4_composes(trained, lr_image, monkeypatch):
-  out = (trained["raw"], dict(trained["info"]), None)
-  monkeypatch.setattr(ddm4ip, "train", lambda *a, **kw: out)
+  monkeypatch.setattr(ddm4ip, "train", lambda *a, **kw: (trained["raw"], dict(trained["info"]), None))
   k, info = ddm4ip.estimate_kernel(lr_image, 2, trained["cfg"], show_progress=False)
   size = trained["model"].gen.ksize
   assert k.dtype == np.float32 and k.shape == (size, size)
@@ -275,6 +274,18 @@ def test_estimate_kernel_is_valid_and_x4_composes(trained, lr_image, monkeypatch
   k4, info4 = ddm4ip.estimate_kernel(lr_image, 4, trained["cfg"], show_progress=False)
   expect = kernelgan.compose_x2(k)
   np.testing.assert_allclose(k4, expect / expect.sum(), atol=1e-6)
+  # The preset's post-processing (cfg.kernel threshold then blend), against NumPy:
+  cfg = trained["cfg"].copy_and_resolve_references()
+  cfg.kernel.threshold, cfg.kernel.blend, cfg.kernel.blend_sigma = 0.4, 0.5, 0.35
+  kp, infop = ddm4ip.estimate_kernel(lr_image, 2, cfg, show_progress=False)
+  ref = np.asarray(k, np.float64)
+  ref = np.where(ref >= 0.4 * ref.max(), ref, 0.0)
+  ref /= ref.sum()
+  u = np.arange(size) - (size - 1) / 2
+  g = np.exp(-(u[:, None] ** 2 + u[None, :] ** 2) / (2 * 0.7 ** 2))
+  ref = 0.5 * ref + 0.5 * g / g.sum()
+  np.testing.assert_allclose(kp, ref / ref.sum(), atol=1e-6)
+  assert (infop["threshold"], infop["blend"]) == (0.4, 0.5) and info["blend"] == 0.0
   monkeypatch.setattr(ddm4ip, "train", lambda *a, **kw: (-np.ones((4, 4)), {}, None))
   with pytest.raises(KfjaxError, match="no positive mass"):
     ddm4ip.estimate_kernel(lr_image, 2, trained["cfg"], show_progress=False)
