@@ -353,7 +353,7 @@ def estimate_kernel(lr_image, scale, cfg, show_progress=True):
     k = kernel_net.export_kernel(kernelgan.compose_x2(k))
   # The preset's post-processing of blind estimates, as KernelFusion's (the matching's
   # kernels come out too wide at the `cpu` budget; BENCHMARKS.md, "DDM4IP and IKE").
-  k = kernel_net.export_kernel(phase2.finish_kernel(cfg, k, scale))
+  k = phase2.finish_kernel(cfg, k, scale)   # (non-negative, sum 1, float32, as exported)
   info.update(seconds=round(time.time() - t0, 2), kernel_size=int(k.shape[0]),
               raw_sum=float(raw.sum()), threshold=float(cfg.kernel.threshold),
               blend=float(cfg.kernel.blend))

@@ -45,16 +45,22 @@ def test_sobel_mask_and_tv_against_numpy():
 
 
 def test_training_traces_once_and_gives_an_sr_image_and_kernel(lr_image, monkeypatch):
-  chunks = []
+  chunks, states = [], []
   make_chunk = ike.IKE.make_chunk
 
   def recording(self, steps, total):
     chunks.append(make_chunk(self, steps, total))
-    return chunks[-1]
+
+    def chunk(*args):
+      state, metrics = chunks[-1](*args)
+      states.append(state)
+      return state, metrics
+    return chunk
   monkeypatch.setattr(ike.IKE, "make_chunk", recording)
   cfg = config_lib.preset("smoke")
   sr, k, info = ike.run(lr_image, 2, cfg, show_progress=False)
   assert len(chunks) == 1 and chunks[0]._cache_size() == 1    # 2 chunks of 2, one trace
+  assert len(states) == 2 and int(states[-1].it) == 4
   assert sr.shape == (64, 64, 3) and 0 <= sr.min() and sr.max() <= 1
   assert k.shape == (12, 12) and k.min() >= 0 and abs(k.sum() - 1) < 1e-5
   assert info["iterations"] == cfg.ike.iterations and np.isfinite(list(info["final"].values())).all()
