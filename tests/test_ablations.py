@@ -219,7 +219,7 @@ def test_linear_cnn_explicit_kernel_is_what_it_does_to_images(scale, size, sizes
   k = jax.jit(lambda p: net.apply(p, method=net.explicit_kernel))(params)
   assert k.shape == (size, size)
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 21, 26, 3)), jnp.float32)
-  y_net = jax.jit(lambda p, x: net.apply(p, x, method=net.downscale))(params, x)
+  y_net = jax.jit(lambda p, x: net.apply(p, x, method=net.downscale_layers))(params, x)
   y_ker = degrade.downscale(x, k, scale)
   assert y_net.shape == y_ker.shape == (2, -(-21 // scale), -(-26 // scale), 3)
   np.testing.assert_allclose(np.asarray(y_net), np.asarray(y_ker), atol=2e-5, rtol=1e-5)
@@ -239,6 +239,35 @@ def test_linear_cnn_explicit_kernel_is_what_it_does_to_images(scale, size, sizes
   d = (size - f) // 2
   expect = np.pad(corr[::-1, ::-1], ((size - f - d, d), (size - f - d, d)))
   np.testing.assert_allclose(np.asarray(k), expect, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale,size,sizes", [
+    (2, 14, (7, 5, 3, 1, 1, 1)),  # KernelGAN's generator
+    (2, 16, (7, 5, 5, 1)),        # DDM4IP's kernel net (B.4)
+    (3, 13, (3, 3, 1, 3)),        # odd K, stride 3
+])
+def test_linear_cnn_downscale_has_the_layers_values_and_gradients(scale, size, sizes):
+  """``downscale`` (explicit kernel, one filter) and ``downscale_layers`` (the layers on
+  every plane) are one function of the weights: same values and same weight and image
+  gradients of a loss, in float64, so KernelGAN and DDM4IP train as through the layers."""
+  net = kernel_net.LinearCNN(sizes=sizes, channels=4, scale=scale, size=size, init_noise=1.0)
+  params32 = net.init(_key(7), method=net.explicit_kernel)
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params32)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 23, 20, 3)))
+    target = jnp.asarray(rng.normal(size=(2, -(-23 // scale), -(-20 // scale), 3)))
+
+    def loss(method):
+      return lambda p, x: jnp.sum((net.apply(p, x, method=method) - target) ** 2)
+    fast, ref = loss(net.downscale), loss(net.downscale_layers)
+    np.testing.assert_allclose(float(fast(params, x)), float(ref(params, x)), rtol=1e-12)
+    g_fast = jax.grad(fast, argnums=(0, 1))(params, x)
+    g_ref = jax.grad(ref, argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
+      assert a.dtype == jnp.float64 and a.shape == b.shape
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10,
+                                 atol=1e-12 * float(jnp.max(jnp.abs(b))))
 
 
 def test_linear_cnn_starts_as_area_averaging():

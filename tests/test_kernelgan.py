@@ -49,7 +49,7 @@ def test_generator_kernel_is_what_it_does_to_images(trained, lr_image):
   assert k.shape == (model.gen.ksize,) * 2 == (6, 6)  # smoke G: field 5, even K at x2
   np.testing.assert_allclose(np.asarray(k), trained["raw"], atol=1e-6)
   x = jnp.asarray(lr_image)[None]
-  y_g = model.gen.apply(params, x, method=model.gen.downscale)
+  y_g = model.gen.apply(params, x, method=model.gen.downscale_layers)
   np.testing.assert_allclose(np.asarray(y_g), np.asarray(degrade.downscale(x, k, 2)),
                              atol=2e-5)
 

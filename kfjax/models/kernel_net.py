@@ -272,10 +272,11 @@ class LinearCNN(nn.Module):
   separately, as one filter serves them all. Being linear and shift-invariant (up to the
   stride), the whole net is one ``(K, K)`` kernel, :meth:`explicit_kernel`: the stack of
   stride-1 convolutions applied to a delta, placed in the K×K grid with the field's
-  centre at the grid centre (``d = (K−F)//2`` rows after it). :meth:`downscale` applies
-  the layers themselves to images with the padding and pixel phase of
-  :func:`kfjax.degrade.downscale`, so ``downscale(x) == degrade.downscale(x,
-  explicit_kernel(), scale)`` exactly (pinned by tests).
+  centre at the grid centre (``d = (K−F)//2`` rows after it). :meth:`downscale_layers`
+  applies the layers themselves to images with the padding and pixel phase of
+  :func:`kfjax.degrade.downscale`, so it equals ``degrade.downscale(x, explicit_kernel(),
+  scale)`` (pinned by tests); :meth:`downscale`, what KernelGAN and DDM4IP train through,
+  computes the latter.
   """
   sizes: tuple
   channels: int = 32
@@ -318,7 +319,20 @@ class LinearCNN(nn.Module):
     return jnp.pad(kf, ((lo, d), (lo, d)))
 
   def downscale(self, x):
-    """``(..., H, W, C) → (..., ceil(H/s), ceil(W/s), C)`` by the layers themselves."""
+    """``(..., H, W, C) → (..., ceil(H/s), ceil(W/s), C)``: the explicit kernel's
+    ``degrade.downscale``.
+
+    Convolution is associative, so this is the same function of ``x`` and of the layer
+    weights as running the layers on the images (:meth:`downscale_layers`), with the same
+    gradients (pinned in float64 by tests): the over-parameterisation, and with it the
+    training dynamics, is kept. What changes is the cost: the channel-wide layers run once,
+    on a ``(2F−1)²`` delta, instead of on every colour plane of every crop, and the image
+    sees one ``K × K`` single-channel filter (BENCHMARKS.md, "DDM4IP and IKE").
+    """
+    return degrade.downscale(x, self.explicit_kernel(), int(self.scale))
+
+  def downscale_layers(self, x):
+    """:meth:`downscale` by the layers themselves (the definition; the reference in tests)."""
     x = jnp.asarray(x)
     *lead, h, w, c = x.shape
     s, k, f = int(self.scale), self.ksize, self.field
