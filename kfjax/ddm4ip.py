@@ -40,6 +40,7 @@ four-times larger crop of a small LR image would not fit. Both loops are ``lax.s
 """
 
 import time
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -57,6 +58,10 @@ from kfjax.models import kernel_net
 from kfjax.models import velocity
 
 WEIGHTINGS = ("score", "velocity")
+# A matching kernel is kept only if its (unnormalised) sum is within this of 1. The
+# sum-to-one regulariser holds a converging run's sum to about ±0.1; a diverging one's falls
+# towards 0 or below (BENCHMARKS.md, "DDM4IP and IKE": coffee × anisotropic diffusion).
+SUM_TOLERANCE = 0.25
 
 
 def checks(d):
@@ -133,6 +138,14 @@ def ikl_surrogate(v_fake, v_real, y1, z0, t, weighting="score"):
 
 
 # -- the kernel's regularisers -----------------------------------------------------------
+
+def healthy(raw, tol=SUM_TOLERANCE):
+  """Whether a raw explicit kernel is worth keeping: finite, some positive mass, and a sum
+  within ``tol`` of 1."""
+  raw = np.asarray(raw, np.float64)
+  return bool(np.all(np.isfinite(raw)) and np.clip(raw, 0, None).sum() > 0
+              and abs(raw.sum() - 1.0) <= tol)
+
 
 def regularisers(k):
   """B.4's regularisers of the explicit (unnormalised) kernel ``k``."""
@@ -294,6 +307,10 @@ def train(cfg, lr_image, scale_g, show_progress=True):
   """Steps 1 and 2 on ``lr_image`` (h, w, C) in [0, 1] at ×``scale_g``.
 
   Returns ``(raw explicit kernel (K, K) as NumPy, info, (model, flow state, match state))``.
+  The kernel is the last matching step's, unless the matching diverged (its kernel not
+  :func:`healthy`): then it is the kernel at the end of the last chunk whose kernel was, or
+  the starting one, with a warning and ``info["fallback"]`` (the step it is from and the
+  final sum), so that a run that went wrong late still gives a usable kernel.
   """
   dc = cfg.ddm4ip
   img = jnp.asarray(np.asarray(lr_image, np.float32) * 2.0 - 1.0)
@@ -322,17 +339,34 @@ def train(cfg, lr_image, scale_g, show_progress=True):
   n = loop.chunk_size(total, int(dc.steps_per_chunk))
   match_chunk = model.make_match_chunk(n)
   match = runtime.jit(model.init_match)(keys[2], flow.ema)
+  kernel = runtime.jit(model.kernel)
+  start = np.asarray(kernel(match.g_params))
+  kept = {"step": 0, "raw": start} if healthy(start) else None
+
+  def keep(state, done, stop):
+    del stop  # nothing to save: DDM4IP does not checkpoint
+    nonlocal kept
+    raw = np.asarray(kernel(state.g_params))
+    if healthy(raw):
+      kept = {"step": done, "raw": raw}
   b = bar(total, "DDM4IP match")
 
   def report_match(m, at):
     a = loop.finite(m.aux_loss[-1], "DDM4IP auxiliary flow loss", f"step {at}")
     return {"aux": f"{a:.4f}", "mismatch": f"{float(m.mismatch[-1]):.2e}"}
   match, metrics = loop.run_chunks(lambda s: match_chunk(s, flow.ema, img, keys[3]), match,
-                                   done=0, total=total, length=n, bar=b, report=report_match)
+                                   done=0, total=total, length=n, bar=b, report=report_match,
+                                   after=keep)
   b.close()
   info["match"] = {"steps": total,
                    "final": {f: float(getattr(metrics, f)[-1]) for f in MatchMetrics._fields}}
-  raw = np.asarray(runtime.jit(model.kernel)(match.g_params))
+  raw = np.asarray(kernel(match.g_params))
+  if not healthy(raw) and kept is not None:
+    info["fallback"] = {"step": int(kept["step"]), "final_sum": float(np.sum(raw))}
+    warnings.warn(f"DDM4IP's matching diverged (kernel sum {float(np.sum(raw)):.3g} after "
+                  f"{total} steps); using its kernel of step {kept['step']}, the last with a "
+                  f"sum within {SUM_TOLERANCE} of 1")
+    raw = kept["raw"]
   return raw, info, (model, flow, match)
 
 

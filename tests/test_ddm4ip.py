@@ -216,6 +216,7 @@ def trained(lr_image):
 
 def test_training_runs_every_step_and_the_kernel_is_what_the_net_does(trained, lr_image):
   dc, info = trained["cfg"].ddm4ip, trained["info"]
+  assert "fallback" not in info   # a healthy run returns its last kernel
   assert dc.flow_steps // dc.steps_per_chunk >= 2 and dc.match_steps // dc.steps_per_chunk >= 2
   assert int(trained["flow"].it) == dc.flow_steps and int(trained["match"].it) == dc.match_steps
   assert info["flow"]["steps"] == dc.flow_steps and np.isfinite(info["flow"]["final_loss"])
@@ -289,6 +290,30 @@ def test_estimate_kernel_is_valid_and_x4_composes(trained, lr_image, monkeypatch
   monkeypatch.setattr(ddm4ip, "train", lambda *a, **kw: (-np.ones((4, 4)), {}, None))
   with pytest.raises(KfjaxError, match="no positive mass"):
     ddm4ip.estimate_kernel(lr_image, 2, trained["cfg"], show_progress=False)
+
+
+def test_a_diverged_matching_falls_back_to_the_last_healthy_kernel(lr_image):
+  """A kernel learning rate 1000x the smoke preset's drives the kernel's sum far from 1
+  within the first chunk: the run warns and returns the starting kernel, not the wreck."""
+  cfg = config_lib.preset("smoke")
+  cfg.ddm4ip.kernel_lr = 0.5
+  with jax.enable_x64(False):
+    with pytest.warns(UserWarning, match="DDM4IP's matching diverged"):
+      raw, info, (model, flow, match) = ddm4ip.train(cfg, lr_image, 2, show_progress=False)
+    final = np.asarray(model.kernel(match.g_params))
+    keys = jax.random.split(jax.random.key(cfg.seed + 11), 4)
+    start = np.asarray(model.kernel(model.init_match(keys[2], flow.ema).g_params))
+  assert not ddm4ip.healthy(final) and ddm4ip.healthy(raw)
+  assert info["fallback"] == {"step": 0, "final_sum": pytest.approx(float(final.sum()))}
+  np.testing.assert_allclose(raw, start, atol=1e-6)
+
+
+def test_healthy_kernels():
+  k = np.full((4, 4), 1 / 16)
+  assert ddm4ip.healthy(k) and ddm4ip.healthy(1.2 * k) and ddm4ip.healthy(0.8 * k)
+  assert not ddm4ip.healthy(1.3 * k) and not ddm4ip.healthy(0.7 * k)
+  assert not ddm4ip.healthy(np.where(np.eye(4) > 0, np.nan, k))
+  assert not ddm4ip.healthy(-k) and not ddm4ip.healthy(np.zeros((4, 4)))
 
 
 def test_regularisers():

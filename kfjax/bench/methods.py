@@ -307,7 +307,8 @@ def ddm4ip_method(case, cfg, workdir):
   sr, t_tv = _tv(case, cfg, k)
   return Result(sr=sr, kernel=k, seconds=t_dd + t_tv,
                 info={"seconds_ddm4ip": t_dd, "seconds_tv": t_tv,
-                      "mismatch": info["match"]["final"]["mismatch"]})
+                      "mismatch": info["match"]["final"]["mismatch"],
+                      "fallback": info.get("fallback")})
 
 
 @register("ike")
