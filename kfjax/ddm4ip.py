@@ -26,7 +26,10 @@ in distribution. Three steps:
    = "velocity"`` drops the factor, a time-reweighted IKL with the same minimiser).
    Regularisers on the explicit kernel ``k`` (B.4): sum to one ``(1 − Σk)²`` (0.1, the net
    is not normalised), centre of mass at the grid centre (0.01), and l1 ``Σ|k|`` (0.1;
-   with ``Σk ≈ 1`` this penalises negative taps).
+   with ``Σk ≈ 1`` this penalises negative taps). The fake patches come from the net's
+   explicit kernel (:meth:`kfjax.models.kernel_net.LinearCNN.downscale`: the same function
+   and gradients as its layers, far cheaper). A matching that diverges (the kernel's sum
+   leaves 1 ± :data:`SUM_TOLERANCE`) returns the last healthy chunk's kernel (:func:`train`).
 3. **The SR image**: the found kernel, after the preset's post-processing of blind
    estimates (``cfg.kernel.threshold`` / ``blend``, :func:`kfjax.phase2.finish_kernel`, as
    KernelFusion's; off in the base config), goes to kfjax's non-blind restoration
