@@ -200,6 +200,26 @@ def tv_nonblind(case, cfg, workdir):
   return Result(sr=sr, kernel=None, seconds=seconds)
 
 
+def generic_kernel(cfg, scale):
+  """The kernel of "no estimate": a centred isotropic Gaussian of std ``kernel.blend_sigma
+  × scale`` HR pixels on the bench kernels' ``6·scale`` grid, sum 1 (float32); the kernel
+  the blind post-processing (``kernel.blend``) shrinks estimates toward."""
+  g = kernel_net.gaussian_blob(6 * int(scale), float(cfg.kernel.blend_sigma) * int(scale))
+  return (g / g.sum()).astype(np.float32)
+
+
+@register("tv_generic")
+def tv_generic(case, cfg, workdir):
+  """The TV solver of ``tv_nonblind`` with no kernel estimate, only :func:`generic_kernel`.
+  A blind method restored by the same solver (``ddm4ip``, ``tv_blind``) has to beat it for
+  its kernel, and not the solver and a mild generic blur, to be what made its gain."""
+  del workdir
+  cfg = _prepare(case, cfg)
+  k = generic_kernel(cfg, case.spec.scale)
+  sr, seconds = _tv(case, cfg, k)
+  return Result(sr=sr, kernel=k, seconds=seconds)
+
+
 @register("tv_blind")
 def tv_blind(case, cfg, workdir):
   """The TV solver of ``tv_nonblind`` fed with blind KernelFusion's estimated kernel:
