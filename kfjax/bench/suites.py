@@ -13,7 +13,7 @@ Suites (``SUITES``):
 * ``mini``: three photos, each with one of the Gaussian / motion / L-shape families, at
   ×2 and ×4 (six cases; LR 64×64). Minutes per case on a 2-core CPU.
 * ``photos3x3``: the issue-2 evidence set: chelsea, astronaut and coffee × anisotropic
-  Gaussian, motion and L-shape, ×2 (nine cases; LR 64×64).
+  Gaussian, motion and L-shape, ×2 and ×4 (nine cases each; LR 64×64).
 * ``nonlinear``: the three mini photos × IKE's bilateral, median and anisotropic
   diffusion degradations, ×2 and ×4.
 * ``blind``: every bundled real photo (``PHOTOS``) × every kernel family and non-linear
@@ -82,7 +82,7 @@ def _mini():
 
 
 def _photos3x3():
-  return [CaseSpec(p, f, 2, 128) for p in ("chelsea", "astronaut", "coffee")
+  return [CaseSpec(p, f, s, _lr_size(s)) for s in (2, 4) for p in ("chelsea", "astronaut", "coffee")
           for f in ("aniso_gaussian", "motion", "lshape")]
 
 
