@@ -82,7 +82,8 @@ def _mini():
 
 
 def _photos3x3():
-  return [CaseSpec(p, f, s, _lr_size(s)) for s in (2, 4) for p in ("chelsea", "astronaut", "coffee")
+  return [CaseSpec(p, f, s, _lr_size(s)) for s in (2, 4)
+          for p in ("chelsea", "astronaut", "coffee")
           for f in ("aniso_gaussian", "motion", "lshape")]
 
 
