@@ -373,11 +373,13 @@ def train(cfg, lr_image, scale_g, show_progress=True):
   return raw, info, (model, flow, match)
 
 
-def estimate_kernel(lr_image, scale, cfg, show_progress=True):
+def estimate_kernel(lr_image, scale, cfg, show_progress=True, finish=True):
   """DDM4IP's estimate of the HR → LR kernel of ``lr_image`` ((h, w, C) in [0, 1]).
 
   Returns ``(kernel, info)``: ``kernel`` float32 (K, K), non-negative, sum 1 (``3K − 2``
-  at ×4); ``info`` has the seconds, steps and final losses.
+  at ×4); ``info`` has the seconds, steps and final losses. ``finish=False`` skips the
+  preset's post-processing (the kernel as matched, exported), so it can be re-tuned
+  afterwards without re-training (the benchmark keeps it as ``kernel_raw.npy``).
   """
   t0 = time.time()
   scale = int(scale)
@@ -390,8 +392,10 @@ def estimate_kernel(lr_image, scale, cfg, show_progress=True):
     k = kernel_net.export_kernel(kernelgan.compose_x2(k))
   # The preset's post-processing of blind estimates, as KernelFusion's (the matching's
   # kernels come out too wide at the `cpu` budget; BENCHMARKS.md, "DDM4IP and IKE").
-  k = phase2.finish_kernel(cfg, k, scale)   # (non-negative, sum 1, float32, as exported)
+  if finish:
+    k = phase2.finish_kernel(cfg, k, scale)   # (non-negative, sum 1, float32, as exported)
   info.update(seconds=round(time.time() - t0, 2), kernel_size=int(k.shape[0]),
-              raw_sum=float(raw.sum()), threshold=float(cfg.kernel.threshold),
-              blend=float(cfg.kernel.blend))
+              raw_sum=float(raw.sum()),
+              threshold=float(cfg.kernel.threshold) if finish else 0.0,
+              blend=float(cfg.kernel.blend) if finish else 0.0)
   return k, info

@@ -292,6 +292,32 @@ def test_estimate_kernel_is_valid_and_x4_composes(trained, lr_image, monkeypatch
     ddm4ip.estimate_kernel(lr_image, 2, trained["cfg"], show_progress=False)
 
 
+def test_bench_keeps_the_kernel_before_post_processing(trained, monkeypatch, tmp_path):
+  """The benchmark's ``ddm4ip`` row saves the matched kernel (``kernel_raw.npy``) beside the
+  post-processed one it restores with, so the post-processing can be re-tuned offline."""
+  from kfjax.bench import runner, suites  # noqa: PLC0415
+  from kfjax.models import kernel_net  # noqa: PLC0415
+  monkeypatch.setattr(ddm4ip, "train", lambda *a, **kw: (trained["raw"], dict(trained["info"]), None))
+  cfg = trained["cfg"].copy_and_resolve_references()
+  cfg.kernel.threshold, cfg.kernel.blend = 0.4, 0.5
+  spec = suites.suite("tiny")[0]
+  with jax.enable_x64(False):
+    row = runner.run_one(spec, "ddm4ip", cfg, str(tmp_path), 2)
+  assert row["status"] == "ok", row
+  run_dir = os.path.join(str(tmp_path), "runs", spec.name, "ddm4ip")
+  raw = np.load(os.path.join(run_dir, "kernel_raw.npy"))
+  np.testing.assert_allclose(raw, kernel_net.export_kernel(trained["raw"]), atol=1e-7)
+  ref = np.asarray(raw, np.float64)
+  ref = np.where(ref >= 0.4 * ref.max(), ref, 0.0)
+  ref /= ref.sum()
+  size = ref.shape[0]
+  u = np.arange(size) - (size - 1) / 2
+  g = np.exp(-(u[:, None] ** 2 + u[None, :] ** 2) / (2 * (cfg.kernel.blend_sigma * 2) ** 2))
+  ref = 0.5 * ref + 0.5 * g / g.sum()
+  np.testing.assert_allclose(np.load(os.path.join(run_dir, "kernel.npy")), ref / ref.sum(),
+                             atol=1e-6)
+
+
 def test_a_diverged_matching_falls_back_to_the_last_healthy_kernel(lr_image):
   """A kernel learning rate 1000x the smoke preset's drives the kernel's sum far from 1
   within the first chunk: the run warns and returns the starting kernel, not the wreck."""

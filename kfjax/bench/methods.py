@@ -317,13 +317,18 @@ def kernelgan_method(case, cfg, workdir):
 
 @register("ddm4ip")
 def ddm4ip_method(case, cfg, workdir):
-  """DDM4IP's kernel (``kfjax.ddm4ip``) + the TV restoration (``cfg.restore``), two-step."""
-  del workdir
+  """DDM4IP's kernel (``kfjax.ddm4ip``) + the TV restoration (``cfg.restore``), two-step.
+  The kernel before the preset's post-processing is kept as ``kernel_raw.npy`` beside the
+  run's outputs, so the post-processing can be re-tuned without re-training."""
   from kfjax import ddm4ip  # noqa: PLC0415
   cfg = _prepare(case, cfg)
   t0 = time.time()
-  k, info = ddm4ip.estimate_kernel(case.lr, case.spec.scale, cfg, show_progress=False)
+  raw, info = ddm4ip.estimate_kernel(case.lr, case.spec.scale, cfg, show_progress=False,
+                                     finish=False)
+  k = phase2_lib.finish_kernel(cfg, raw, case.spec.scale)
   t_dd = time.time() - t0
+  os.makedirs(workdir, exist_ok=True)
+  kio.save_array_atomic(os.path.join(workdir, "kernel_raw.npy"), raw)
   sr, t_tv = _tv(case, cfg, k)
   return Result(sr=sr, kernel=k, seconds=t_dd + t_tv,
                 info={"seconds_ddm4ip": t_dd, "seconds_tv": t_tv,
