@@ -9,6 +9,7 @@ method itself at the smoke preset: it traces once, its kernel is what its net do
 images, and the command line runs end to end.
 """
 
+import csv
 import json
 import os
 import subprocess
@@ -316,6 +317,17 @@ def test_bench_keeps_the_kernel_before_post_processing(trained, monkeypatch, tmp
   ref = 0.5 * ref + 0.5 * g / g.sum()
   np.testing.assert_allclose(np.load(os.path.join(run_dir, "kernel.npy")), ref / ref.sum(),
                              atol=1e-6)
+  # The offline sweep re-derives the row from kernel_raw.npy (same post-processing, same
+  # TV solve), and a setting it did not run.
+  from kfjax.bench import postprocess  # noqa: PLC0415
+  with jax.enable_x64(False):
+    postprocess.main(["--workdir", str(tmp_path), "--method", "ddm4ip", "--thresholds", "0,0.4",
+                      "--sigmas", "0.35", "--border", "2", "--blends", "0.5"])
+  with open(os.path.join(str(tmp_path), "postprocess_ddm4ip.csv")) as f:
+    (pp,) = list(csv.DictReader(f))
+  assert pp["config"] == "ddm4ip" and "phase2" not in pp
+  assert float(pp["thr0.4_b0.5"]) == pytest.approx(float(row["subpixel_psnr"]), abs=1e-3)
+  assert float(pp["thr0"]) != pytest.approx(float(pp["thr0.4_b0.5"]), abs=1e-3)
 
 
 def test_a_diverged_matching_falls_back_to_the_last_healthy_kernel(lr_image):

@@ -1,6 +1,7 @@
 """What post-processing a blind run's kernel would give, without re-running Phase 2.
 
     python -m kfjax.bench.postprocess --workdir bench_out/photos3x3 --thresholds 0,0.2,0.4
+    python -m kfjax.bench.postprocess --workdir bench_out/photos3x3 --method ddm4ip
 
 For every stored blind KernelFusion run of a benchmark workdir (``runs/<case>/kf-<config
 fingerprint>/``, written by the ``kernelfusion`` and ``tv_blind`` methods) this scores, by
@@ -23,8 +24,15 @@ own in ``sr.npy`` / ``kernel.npy``).
 * ``gauss<σ>``: the TV solver with a fixed isotropic Gaussian of std ``σ·s`` in place of an
   estimate (what knowing nothing about the kernel buys).
 
+With ``--method ddm4ip`` the runs are the ``ddm4ip`` rows' folders (``runs/<case>/ddm4ip``,
+``ddm4ip-seed<N>``) and the kernel is the one kept before the preset's post-processing
+(``kernel_raw.npy``); DDM4IP has no Phase 2 image, so ``phase2`` and ``p2init<T>`` are left
+out, and ``thr<T>_b<B>`` is exactly its row with ``kernel.threshold=T kernel.blend=B``. A
+folder holds its latest run only, so a workdir with DDM4IP rows of several configs holds
+the last one's kernels.
+
 It prints one line per run and the mean / minimum gain over bicubic per column, and
-writes ``postprocess.csv`` in the workdir. The Phase 2 path being the same, ``thr<T>`` is
+writes ``postprocess.csv`` (``postprocess_ddm4ip.csv``) in the workdir. The Phase 2 path being the same, ``thr<T>`` is
 exactly what a run with those settings would have produced. The TV solver's other settings
 are the base config's ``restore`` block.
 """
@@ -49,19 +57,27 @@ from kfjax.bench import suites
 from kfjax.models import kernel_net
 
 
-def runs(workdir, fingerprints=None):
-  """``(case spec, run folder, fingerprint)`` of every stored blind run, sorted."""
+def runs(workdir, fingerprints=None, method="kernelfusion"):
+  """``(case spec, run folder, label)`` of every stored blind run of ``method`` (the label:
+  KernelFusion's config fingerprint, DDM4IP's folder name), sorted."""
+  pattern = "kf-*" if method == "kernelfusion" else "ddm4ip*"
   out = []
-  for d in sorted(glob.glob(os.path.join(workdir, "runs", "*", "kf-*"))):
-    fp = os.path.basename(d)[3:]
-    if fingerprints and fp not in fingerprints:
+  for d in sorted(glob.glob(os.path.join(workdir, "runs", "*", pattern))):
+    label = os.path.basename(d)[3:] if method == "kernelfusion" else os.path.basename(d)
+    if fingerprints and label not in fingerprints:
       continue
     case = os.path.basename(os.path.dirname(d))
     meta = os.path.join(workdir, "cases", case, "case.json")
-    if not os.path.exists(_file(d, "kernel")) or not os.path.exists(meta):
+    if not os.path.exists(_kernel_file(d)) or not os.path.exists(meta):
       continue
-    out.append((suites.CaseSpec(**json.load(open(meta))["spec"]), d, fp))
+    out.append((suites.CaseSpec(**json.load(open(meta))["spec"]), d, label))
   return out
+
+
+def _kernel_file(run_dir):
+  """The run's kernel before post-processing: DDM4IP's ``kernel_raw.npy``, else Phase 2's."""
+  raw = os.path.join(run_dir, "kernel_raw.npy")
+  return raw if os.path.exists(raw) else _file(run_dir, "kernel")
 
 
 def _file(run_dir, what):
@@ -79,16 +95,19 @@ def score_run(spec, run_dir, cases_dir, thresholds, sigmas, rcfg, border=8, weig
   s = spec.scale
   aligned = lambda x: metrics.subpixel_psnr(np.asarray(x, np.float64), case.hr, crop=border)
   tv = lambda k, x_init=None: restore.solve_cfg(case.lr, k, s, rcfg, x_init)[0]
-  k_est = np.load(_file(run_dir, "kernel"))
-  sr = np.load(_file(run_dir, "sr"))
-  row = {"case": spec.name, "config": os.path.basename(run_dir)[3:],
-         "bicubic": aligned(np.clip(np.asarray(resize.upscale(jnp.asarray(case.lr), s)), 0, 1)),
-         "phase2": aligned(sr), "tv_true": aligned(tv(case.kernel)),
-         "kernel_ncc": metrics.kernel_ncc(k_est, case.kernel)}
+  k_est = np.load(_kernel_file(run_dir))
+  name = os.path.basename(run_dir)
+  sr = np.load(_file(run_dir, "sr")) if name.startswith("kf-") else None   # DDM4IP: none
+  row = {"case": spec.name, "config": name[3:] if name.startswith("kf-") else name,
+         "bicubic": aligned(np.clip(np.asarray(resize.upscale(jnp.asarray(case.lr), s)), 0, 1))}
+  if sr is not None:
+    row["phase2"] = aligned(sr)
+  row.update(tv_true=aligned(tv(case.kernel)), kernel_ncc=metrics.kernel_ncc(k_est, case.kernel))
   for t in thresholds:
     k = kernel_net.threshold_kernel(k_est, t)
     row[f"thr{t:g}"] = aligned(tv(k))
-    row[f"p2init{t:g}"] = aligned(tv(k, sr))
+    if sr is not None:
+      row[f"p2init{t:g}"] = aligned(tv(k, sr))
     row[f"width{t:g}"] = metrics.kernel_width_ratio(k, case.kernel)
     for w in weights:
       other = rcfg.copy_and_resolve_references()
@@ -115,7 +134,10 @@ def main(argv=None):
   ap.add_argument("--workdir", required=True)
   ap.add_argument("--thresholds", default="0,0.2,0.4", help="kernel.threshold values")
   ap.add_argument("--sigmas", default="0.35,0.5", help="fixed Gaussians' std, × the scale")
-  ap.add_argument("--configs", default="", help="only these config fingerprints (comma list)")
+  ap.add_argument("--method", default="kernelfusion", choices=("kernelfusion", "ddm4ip"),
+                  help="whose stored kernels: KernelFusion's Phase 2 or DDM4IP's raw ones")
+  ap.add_argument("--configs", default="", help="only these config fingerprints (comma "
+                  "list; with --method ddm4ip, run folder names such as ddm4ip-seed1)")
   ap.add_argument("--border", type=int, default=8)
   ap.add_argument("--weights", default="", help="also these restore.weight values (at x2), "
                   "with the estimated kernel thresholded (columns thr<T>_w<W>)")
@@ -130,9 +152,10 @@ def main(argv=None):
   except ValueError:
     sys.exit("kfjax.bench.postprocess: error: --thresholds, --sigmas, --weights and --blends "
              "take numbers")
-  found = runs(args.workdir, [c for c in args.configs.split(",") if c])
+  found = runs(args.workdir, [c for c in args.configs.split(",") if c], args.method)
   if not found:
-    sys.exit(f"kfjax.bench.postprocess: error: no stored blind run under {args.workdir}/runs")
+    sys.exit(f"kfjax.bench.postprocess: error: no stored {args.method} run under "
+             f"{args.workdir}/runs")
   base = config_lib.base_config()
   rcfg = base.restore
   rows = []
@@ -148,7 +171,8 @@ def main(argv=None):
     sys.exit("kfjax.bench.postprocess: error: no run with a true kernel")
   for c, (mean, low) in summary(rows).items():
     print(f"{c:>12s}: {mean:+.2f} dB over bicubic on average, worst {low:+.2f} ({len(rows)} runs)")
-  path = os.path.join(args.workdir, "postprocess.csv")
+  path = os.path.join(args.workdir, "postprocess.csv" if args.method == "kernelfusion"
+                      else f"postprocess_{args.method}.csv")
   text = io.StringIO(newline="")
   w = csv.DictWriter(text, list(rows[0]))
   w.writeheader()
