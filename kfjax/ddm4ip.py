@@ -25,11 +25,17 @@ in distribution. Three steps:
    ``s_fake − s_real = t/(1 − t)·(v_fake − v_real)`` (:func:`ikl_surrogate`; ``weighting
    = "velocity"`` drops the factor, a time-reweighted IKL with the same minimiser).
    Regularisers on the explicit kernel ``k`` (B.4): sum to one ``(1 − Σk)²`` (0.1, the net
-   is not normalised), centre of mass at the grid centre (0.01), and l1 ``Σ|k|`` (0.1;
-   with ``Σk ≈ 1`` this penalises negative taps). The fake patches come from the net's
-   explicit kernel (:meth:`kfjax.models.kernel_net.LinearCNN.downscale`: the same function
-   and gradients as its layers, far cheaper). A matching that diverges (the kernel's sum
-   leaves 1 ± :data:`SUM_TOLERANCE`) returns the last healthy chunk's kernel (:func:`train`).
+   is not normalised), centre of mass at the grid centre (0.01), and l1 ``Σ|k|`` (0.1).
+   The l1 is summed over the taps: B.4 does not say, B.1 uses the mean for a normalised
+   kernel. Against the sum-to-one term a summed l1 of the same weight has its fixed point
+   at ``Σk = 1/2`` (per positive tap ``−0.2(1 − Σk) + 0.1 = 0``), which is why a matching
+   whose IKL gradient fades drifts to sums of 0.5-0.8; but the mean (the pull divided by
+   the number of taps) measured far worse at both the `cpu` and the paper's rates: the
+   kernels come out 1.6-4× too wide (BENCHMARKS.md, "DDM4IP and IKE"). The fake patches
+   come from the net's explicit kernel (:meth:`kfjax.models.kernel_net.LinearCNN.downscale`:
+   the same function and gradients as its layers, far cheaper). A matching that diverges
+   (the kernel's sum leaves 1 ± :data:`SUM_TOLERANCE`) returns the last healthy chunk's
+   kernel (:func:`train`).
 3. **The SR image**: the found kernel, after the preset's post-processing of blind
    estimates (``cfg.kernel.threshold`` / ``blend``, :func:`kfjax.phase2.finish_kernel`, as
    KernelFusion's; off in the base config), goes to kfjax's non-blind restoration
@@ -151,7 +157,8 @@ def healthy(raw, tol=SUM_TOLERANCE):
 
 
 def regularisers(k):
-  """B.4's regularisers of the explicit (unnormalised) kernel ``k``."""
+  """B.4's regularisers of the explicit (unnormalised) kernel ``k`` (l1 summed over the
+  taps, see the module docstring)."""
   return {"sum2one": (1.0 - jnp.sum(k)) ** 2,
           "center": kernel_net.center_of_mass_loss(k),
           "sparse": jnp.sum(jnp.abs(k))}
