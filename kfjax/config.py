@@ -160,6 +160,10 @@ def base_config():
       weighting="score",    # IKL gradient: score difference (t/(1-t)·Δv) or "velocity" (Δv)
       t_max=0.95,           # IKL's times drawn from U[0, t_max] (t/(1-t) diverges at 1)
       steps_per_chunk=100,
+      # kfjax options, off in the paper's setting (BENCHMARKS.md, "DDM4IP and IKE"):
+      normalise=False,      # fake patches through the kernel divided by its sum
+      max_radius=0.0,       # a kernel with an RMS radius above this × the scale is replaced
+                            # by the generic Gaussian (kernel.blend_sigma); 0: off
   ))
 
   # IKE (seed 002) as a blind SR method (``--method ike``): kernel and SR image from one

@@ -35,10 +35,13 @@ in distribution. Three steps:
    come from the net's explicit kernel (:meth:`kfjax.models.kernel_net.LinearCNN.downscale`:
    the same function and gradients as its layers, far cheaper). A matching that diverges
    (the kernel's sum leaves 1 ± :data:`SUM_TOLERANCE`) returns the last healthy chunk's
-   kernel (:func:`train`).
-3. **The SR image**: the found kernel, after the preset's post-processing of blind
-   estimates (``cfg.kernel.threshold`` / ``blend``, :func:`kfjax.phase2.finish_kernel`, as
-   KernelFusion's; off in the base config), goes to kfjax's non-blind restoration
+   kernel (:func:`train`). kfjax option ``ddm4ip.normalise``: the fakes come from the
+   kernel divided by its sum, so the IKL shapes the kernel and never has to fight the
+   regularisers over its mass (the sum then settles near 1/2, and is not checked).
+3. **The SR image**: the found kernel, after :func:`finish_kernel` (a guard against a
+   kernel spread over the grid, ``ddm4ip.max_radius``, then the preset's post-processing
+   of blind estimates, ``cfg.kernel.threshold`` / ``blend``, as KernelFusion's; all off in
+   the base config), goes to kfjax's non-blind restoration
    (:mod:`kfjax.restore`, ``cfg.restore``): two-step, as the paper pairs it with
    ZSSR / USRNet / DANv2's restorer.
 
@@ -86,6 +89,7 @@ def checks(d):
       (d.flow_lr > 0 and d.aux_lr > 0 and d.kernel_lr > 0 and 0 <= d.flow_ema < 1,
        "ddm4ip learning rates must be > 0 and flow_ema in [0, 1)"),
       (0 < d.t_max < 1, f"ddm4ip.t_max must be in (0, 1), got {d.t_max}"),
+      (d.max_radius >= 0, f"ddm4ip.max_radius must be >= 0 (0: off), got {d.max_radius}"),
       (d.weighting in WEIGHTINGS,
        f"ddm4ip.weighting must be one of {', '.join(WEIGHTINGS)}, got {d.weighting!r}"),
   ]
@@ -150,10 +154,11 @@ def ikl_surrogate(v_fake, v_real, y1, z0, t, weighting="score"):
 
 def healthy(raw, tol=SUM_TOLERANCE):
   """Whether a raw explicit kernel is worth keeping: finite, some positive mass, and a sum
-  within ``tol`` of 1."""
+  within ``tol`` of 1 (``tol=None``: any sum, for ``ddm4ip.normalise``, where the sum
+  never reaches the fake patches)."""
   raw = np.asarray(raw, np.float64)
   return bool(np.all(np.isfinite(raw)) and np.clip(raw, 0, None).sum() > 0
-              and abs(raw.sum() - 1.0) <= tol)
+              and (tol is None or abs(raw.sum() - 1.0) <= tol))
 
 
 def regularisers(k):
@@ -205,6 +210,7 @@ class DDM4IP:
     self.dc = dc = cfg.ddm4ip
     h, w, c = image_shape
     self.scale_g = int(scale_g)
+    self.normalise = bool(dc.normalise)
     self.gen = kernelgan.make_generator(dc, self.scale_g)
     self.vel = velocity.VelocityUNet(out_channels=c, channels=int(dc.channels),
                                      levels=int(dc.levels), emb_dim=int(dc.emb_dim))
@@ -239,6 +245,8 @@ class DDM4IP:
 
   def fake(self, g_params, crops):
     y = self.gen.apply(g_params, crops, method=self.gen.downscale)
+    if self.normalise:   # the kernel's shape alone, not its mass, decides the fakes
+      y = y / jnp.sum(self.kernel(g_params))
     return y[:, self.lo:self.lo + self.patch, self.lo:self.lo + self.patch, :]
 
   def init_flow(self, rng, channels):
@@ -351,13 +359,14 @@ def train(cfg, lr_image, scale_g, show_progress=True):
   match = runtime.jit(model.init_match)(keys[2], flow.ema)
   kernel = runtime.jit(model.kernel)
   start = np.asarray(kernel(match.g_params))
-  kept = {"step": 0, "raw": start} if healthy(start) else None
+  tol = None if model.normalise else SUM_TOLERANCE
+  kept = {"step": 0, "raw": start} if healthy(start, tol) else None
 
   def keep(state, done, stop):
     del stop  # nothing to save: DDM4IP does not checkpoint
     nonlocal kept
     raw = np.asarray(kernel(state.g_params))
-    if healthy(raw):
+    if healthy(raw, tol):
       kept = {"step": done, "raw": raw}
   b = bar(total, "DDM4IP match")
 
@@ -371,7 +380,7 @@ def train(cfg, lr_image, scale_g, show_progress=True):
   info["match"] = {"steps": total,
                    "final": {f: float(getattr(metrics, f)[-1]) for f in MatchMetrics._fields}}
   raw = np.asarray(kernel(match.g_params))
-  if not healthy(raw) and kept is not None:
+  if not healthy(raw, tol) and kept is not None:
     info["fallback"] = {"step": int(kept["step"]), "final_sum": float(np.sum(raw))}
     warnings.warn(f"DDM4IP's matching diverged (kernel sum {float(np.sum(raw)):.3g} after "
                   f"{total} steps); using its kernel of step {kept['step']}, the last with a "
@@ -384,9 +393,10 @@ def estimate_kernel(lr_image, scale, cfg, show_progress=True, finish=True):
   """DDM4IP's estimate of the HR → LR kernel of ``lr_image`` ((h, w, C) in [0, 1]).
 
   Returns ``(kernel, info)``: ``kernel`` float32 (K, K), non-negative, sum 1 (``3K − 2``
-  at ×4); ``info`` has the seconds, steps and final losses. ``finish=False`` skips the
-  preset's post-processing (the kernel as matched, exported), so it can be re-tuned
-  afterwards without re-training (the benchmark keeps it as ``kernel_raw.npy``).
+  at ×4), after :func:`finish_kernel`; ``info`` has the seconds, steps and final losses.
+  ``finish=False`` returns the kernel as matched (exported, before :func:`finish_kernel`), so
+  that what follows can be re-tuned without re-training (the benchmark keeps it as
+  ``kernel_raw.npy``).
   """
   t0 = time.time()
   scale = int(scale)
@@ -397,12 +407,33 @@ def estimate_kernel(lr_image, scale, cfg, show_progress=True, finish=True):
   k = kernel_net.export_kernel(raw)
   if scale == 4:
     k = kernel_net.export_kernel(kernelgan.compose_x2(k))
-  # The preset's post-processing of blind estimates, as KernelFusion's (the matching's
-  # kernels come out too wide at the `cpu` budget; BENCHMARKS.md, "DDM4IP and IKE").
+  info.update(raw_sum=float(raw.sum()), rms_radius=round(kernel_net.rms_radius(k), 4))
   if finish:
-    k = phase2.finish_kernel(cfg, k, scale)   # (non-negative, sum 1, float32, as exported)
+    k = finish_kernel(cfg, k, scale, info)
   info.update(seconds=round(time.time() - t0, 2), kernel_size=int(k.shape[0]),
-              raw_sum=float(raw.sum()),
               threshold=float(cfg.kernel.threshold) if finish else 0.0,
               blend=float(cfg.kernel.blend) if finish else 0.0)
   return k, info
+
+
+def finish_kernel(cfg, kernel, scale, info=None):
+  """What the found (exported) kernel goes through before the restoration.
+
+  A kernel whose RMS radius exceeds ``ddm4ip.max_radius × scale`` HR pixels (if > 0) is
+  replaced by the generic Gaussian of std ``kernel.blend_sigma × scale`` on its grid:
+  on a smooth image the matching can spread the kernel over the whole grid, and a
+  restoration that trusts it loses 10-25 dB (BENCHMARKS.md, "DDM4IP and IKE"); the
+  true kernels of the suites stay within 1.2 × the scale. Otherwise the preset's
+  post-processing of blind estimates, as KernelFusion's (``kernel.threshold`` /
+  ``blend``, :func:`kfjax.phase2.finish_kernel`). ``info`` (a dict) gets
+  ``"spread_fallback"`` when the guard acts.
+  """
+  radius, limit = kernel_net.rms_radius(kernel), float(cfg.ddm4ip.max_radius) * int(scale)
+  if limit > 0 and radius > limit:
+    warnings.warn(f"DDM4IP's kernel is spread over {radius:.1f} px (RMS radius, more than "
+                  f"{limit:.1f}); using the generic Gaussian instead")
+    if info is not None:
+      info["spread_fallback"] = {"rms_radius": round(radius, 4), "limit": limit}
+    return kernel_net.export_kernel(kernel_net.gaussian_blob(
+        kernel.shape[0], float(cfg.kernel.blend_sigma) * int(scale)))
+  return phase2.finish_kernel(cfg, kernel, scale)   # non-negative, sum 1, float32

@@ -250,6 +250,57 @@ def test_fake_patches_never_see_the_crop_padding(trained, lr_image):
                                atol=1e-5)
 
 
+def test_normalised_fakes_are_the_kernel_divided_by_its_sum(trained, lr_image):
+  """``ddm4ip.normalise``: the same net, its fakes divided by its kernel's sum; the matching
+  step still runs and keeps any sum (the sum never reaches the fakes)."""
+  cfg = trained["cfg"].copy_and_resolve_references()
+  cfg.ddm4ip.normalise = True
+  g = trained["match"].g_params
+  with jax.enable_x64(False):
+    model = ddm4ip.DDM4IP(cfg, lr_image.shape, 2)
+    crops = jnp.asarray(lr_image)[None, :model.crop_g, :model.crop_g]
+    total = float(jnp.sum(model.kernel(g)))
+    assert abs(total - 1.0) > 1e-3   # a sum away from 1, so the division shows
+    np.testing.assert_allclose(np.asarray(model.fake(g, crops)),
+                               np.asarray(trained["model"].fake(g, crops)) / total, rtol=1e-5)
+    img = jnp.asarray(lr_image * 2 - 1)
+    match = model.init_match(jax.random.key(2), trained["flow"].ema)
+    match, m = model.make_match_chunk(2)(match, trained["flow"].ema, img, jax.random.key(3))
+  assert int(match.it) == 2 and all(np.all(np.isfinite(np.asarray(v))) for v in m)
+  assert ddm4ip.healthy(0.3 * np.ones((4, 4)) / 16, tol=None)
+  assert not ddm4ip.healthy(0.3 * np.ones((4, 4)) / 16)
+
+
+def test_a_kernel_spread_over_the_grid_becomes_the_generic_gaussian():
+  """``ddm4ip.max_radius``: a kernel whose RMS radius passes max_radius × scale is replaced
+  by the Gaussian of std blend_sigma × scale (NumPy reference); a compact one is not."""
+  cfg = config_lib.preset("smoke")
+  cfg.ddm4ip.max_radius, cfg.kernel.threshold, cfg.kernel.blend = 2.0, 0.0, 0.0
+  size, s = 16, 2
+  u = np.arange(size) - (size - 1) / 2
+  ring = (np.maximum(np.abs(u)[:, None], np.abs(u)[None, :]) >= 7).astype(np.float64)
+  ring /= ring.sum()
+  # RMS radius of the rim of a 16² grid: sqrt(mean(u² + v²)) over its 60 taps, > 4 px
+  assert np.sqrt((ring * (u[:, None] ** 2 + u[None, :] ** 2)).sum()) > 2.0 * s
+  info = {}
+  k = ddm4ip.finish_kernel(cfg, ring.astype(np.float32), s, info)
+  g = np.exp(-(u[:, None] ** 2 + u[None, :] ** 2) / (2 * (cfg.kernel.blend_sigma * s) ** 2))
+  np.testing.assert_allclose(k, g / g.sum(), atol=1e-7)
+  assert info["spread_fallback"]["limit"] == 4.0 and info["spread_fallback"]["rms_radius"] > 4
+  compact = np.exp(-(u[:, None] ** 2 + u[None, :] ** 2) / (2 * 1.2 ** 2))
+  compact /= compact.sum()
+  info = {}
+  np.testing.assert_allclose(ddm4ip.finish_kernel(cfg, compact.astype(np.float32), s, info),
+                             compact, atol=1e-7)
+  assert "spread_fallback" not in info
+  cfg.ddm4ip.max_radius = 0.0    # off
+  np.testing.assert_allclose(ddm4ip.finish_kernel(cfg, ring.astype(np.float32), s), ring,
+                             atol=1e-7)
+  bad = cfg.copy_and_resolve_references()
+  bad.ddm4ip.max_radius = -1.0
+  assert not all(ok for ok, _ in ddm4ip.checks(bad.ddm4ip))
+
+
 def test_chunks_trace_once(lr_image):
   cfg = config_lib.preset("smoke")
   with jax.enable_x64(False):

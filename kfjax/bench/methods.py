@@ -325,7 +325,7 @@ def ddm4ip_method(case, cfg, workdir):
   t0 = time.time()
   raw, info = ddm4ip.estimate_kernel(case.lr, case.spec.scale, cfg, show_progress=False,
                                      finish=False)
-  k = phase2_lib.finish_kernel(cfg, raw, case.spec.scale)
+  k = ddm4ip.finish_kernel(cfg, raw, case.spec.scale, info)
   t_dd = time.time() - t0
   os.makedirs(workdir, exist_ok=True)
   kio.save_array_atomic(os.path.join(workdir, "kernel_raw.npy"), raw)
@@ -333,7 +333,8 @@ def ddm4ip_method(case, cfg, workdir):
   return Result(sr=sr, kernel=k, seconds=t_dd + t_tv,
                 info={"seconds_ddm4ip": t_dd, "seconds_tv": t_tv,
                       "mismatch": info["match"]["final"]["mismatch"],
-                      "fallback": info.get("fallback")})
+                      "fallback": info.get("fallback"),
+                      "spread_fallback": info.get("spread_fallback")})
 
 
 @register("ike")

@@ -7,6 +7,8 @@ border before measuring (the usual ``scale``-pixel SR border crop).
 import numpy as np
 from skimage.metrics import structural_similarity
 
+from kfjax.models import kernel_net
+
 
 def _pair(a, b, crop=0):
   """Both images as float64, same shape, cropped by ``crop`` on every border."""
@@ -147,23 +149,14 @@ def subpixel_psnr(a, b, max_shift=2.0, step=0.125, crop=0, data_range=1.0,
   return (value(*best), best) if return_shift else value(*best)
 
 
-def kernel_covariance(k):
-  """The 2×2 covariance (second central moments, in pixels², ``(y, x)`` order) of a
-  kernel's mass (negative taps clipped to zero)."""
-  k = np.clip(np.asarray(k, np.float64), 0.0, None)
-  k = k / k.sum()
-  yy, xx = np.meshgrid(np.arange(k.shape[0]), np.arange(k.shape[1]), indexing="ij")
-  cy, cx = (k * yy).sum(), (k * xx).sum()
-  dy, dx = yy - cy, xx - cx
-  return np.array([[(k * dy * dy).sum(), (k * dy * dx).sum()],
-                   [(k * dy * dx).sum(), (k * dx * dx).sum()]])
+kernel_covariance = kernel_net.kernel_covariance
 
 
 def kernel_width_ratio(k_est, k_true):
   """How wide the estimate is against the truth: ``sqrt(tr Σ_est / tr Σ_true)`` of their
   second-moment matrices (:func:`kernel_covariance`); 1 is right, 2 twice as wide (RMS
   radius). Unlike NCC, it does not forgive a blob of the wrong size."""
-  return float(np.sqrt(np.trace(kernel_covariance(k_est)) / np.trace(kernel_covariance(k_true))))
+  return kernel_net.rms_radius(k_est) / kernel_net.rms_radius(k_true)
 
 
 def _pad_to(k, size):

@@ -177,6 +177,23 @@ def blend_kernel(kernel, weight, sigma):
   return (out / out.sum()).astype(np.float32)
 
 
+def kernel_covariance(k):
+  """The 2×2 covariance (second central moments, in pixels², ``(y, x)`` order) of a
+  kernel's mass (negative taps clipped to zero)."""
+  k = np.clip(np.asarray(k, np.float64), 0.0, None)
+  k = k / k.sum()
+  yy, xx = np.meshgrid(np.arange(k.shape[0]), np.arange(k.shape[1]), indexing="ij")
+  cy, cx = (k * yy).sum(), (k * xx).sum()
+  dy, dx = yy - cy, xx - cx
+  return np.array([[(k * dy * dy).sum(), (k * dy * dx).sum()],
+                   [(k * dy * dx).sum(), (k * dx * dx).sum()]])
+
+
+def rms_radius(k):
+  """The RMS distance of a kernel's mass from its centroid, in pixels."""
+  return float(np.sqrt(np.trace(kernel_covariance(k))))
+
+
 def export_kernel(kernel):
   """Clip to non-negative, renormalise, float32 NumPy."""
   k = np.clip(np.asarray(kernel, np.float64), 0.0, None)
