@@ -352,6 +352,19 @@ def test_fingerprint_leaves_float32_precision_out():
   assert methods.fingerprint_of(cfg) != before
 
 
+@pytest.mark.parametrize("field,on", [("normalise", True), ("max_radius", 2.0)])
+def test_fingerprint_leaves_later_ddm4ip_options_out_while_off(field, on):
+  import ml_collections
+  from kfjax import config as config_lib
+  cfg = config_lib.preset("cpu")
+  legacy = cfg.to_dict()
+  del legacy["ddm4ip"][field]
+  before = methods.fingerprint_of(cfg)
+  assert before == methods.fingerprint_of(ml_collections.ConfigDict(legacy))
+  cfg.ddm4ip[field] = on
+  assert methods.fingerprint_of(cfg) != before
+
+
 def test_report_splits_the_gap_on_paired_rows():
   def row(case, method, value, seed="0"):
     return {"case": case, "method": method, "scale": "2", "status": "ok", "seed": seed,

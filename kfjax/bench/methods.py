@@ -259,13 +259,22 @@ def register_variant(name, overrides, doc=None):
   return variant
 
 
+# Fields added after rows were recorded, left out of the fingerprint at their "off" value
+# so that those rows keep theirs: (block, field, off value).
+_LATER_FIELDS = (("ddm4ip", "normalise", False), ("ddm4ip", "max_radius", 0.0))
+
+
 def fingerprint_of(cfg):
   """Short fingerprint of a config, recorded per row so changed settings are visible.
 
   ``precision`` enters as the checkpoints' :func:`kfjax.config.precision_part` (nothing at its
-  float32 default), so rows written before the field existed keep their fingerprint."""
+  float32 default), and the :data:`_LATER_FIELDS` only when on, so rows written before
+  those fields existed keep their fingerprint."""
   d = cfg.to_dict()
   d.pop("precision", None)
+  for block, field, off in _LATER_FIELDS:
+    if block in d and d[block].get(field) == off:
+      del d[block][field]
   return ckpt.fingerprint(ml_collections.ConfigDict(d).to_json_best_effort(sort_keys=True),
                           *config_lib.precision_part(cfg))[:12]
 
