@@ -379,6 +379,17 @@ def test_bench_keeps_the_kernel_before_post_processing(trained, monkeypatch, tmp
   assert pp["config"] == "ddm4ip" and "phase2" not in pp
   assert float(pp["thr0.4_b0.5"]) == pytest.approx(float(row["subpixel_psnr"]), abs=1e-3)
   assert float(pp["thr0"]) != pytest.approx(float(pp["thr0.4_b0.5"]), abs=1e-3)
+  assert pp["spread"] == "0"
+  # A radius limit every kernel passes: each column is the generic Gaussian's (gauss0.35).
+  with jax.enable_x64(False):
+    postprocess.main(["--workdir", str(tmp_path), "--method", "ddm4ip", "--thresholds", "0,0.4",
+                      "--sigmas", "0.35", "--border", "2", "--blends", "0.5",
+                      "--max_radius", "0.01"])
+  with open(os.path.join(str(tmp_path), "postprocess_ddm4ip.csv")) as f:
+    (pp,) = list(csv.DictReader(f))
+  assert pp["spread"] == "1"
+  for col in ("thr0", "thr0.4", "thr0.4_b0.5"):
+    assert float(pp[col]) == pytest.approx(float(pp["gauss0.35"]), abs=0.02)
 
 
 def test_a_diverged_matching_falls_back_to_the_last_healthy_kernel(lr_image):

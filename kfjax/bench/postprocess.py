@@ -27,7 +27,9 @@ own in ``sr.npy`` / ``kernel.npy``).
 With ``--method ddm4ip`` the runs are the ``ddm4ip`` rows' folders (``runs/<case>/ddm4ip``,
 ``ddm4ip-seed<N>``) and the kernel is the one kept before the preset's post-processing
 (``kernel_raw.npy``); DDM4IP has no Phase 2 image, so ``phase2`` and ``p2init<T>`` are left
-out, and ``thr<T>_b<B>`` is exactly its row with ``kernel.threshold=T kernel.blend=B``. A
+out, and ``thr<T>_b<B>`` is exactly its row with ``kernel.threshold=T kernel.blend=B``
+(and ``--max_radius R`` with ``ddm4ip.max_radius=R``: a spread kernel is scored as the
+generic Gaussian, ``spread`` 1). A
 folder holds its latest run only, so a workdir with DDM4IP rows of several configs holds
 the last one's kernels.
 
@@ -87,8 +89,11 @@ def _file(run_dir, what):
 
 
 def score_run(spec, run_dir, cases_dir, thresholds, sigmas, rcfg, border=8, weights=(),
-              blends=(), blend_sigma=0.35):
-  """The row of one run: every column of the module docstring."""
+              blends=(), blend_sigma=0.35, max_radius=0.0):
+  """The row of one run: every column of the module docstring. ``max_radius`` > 0: a
+  kernel whose RMS radius passes ``max_radius × scale`` is scored, in every ``thr``
+  column, as the generic Gaussian it would become (:func:`kfjax.ddm4ip.finish_kernel`);
+  the row's ``spread`` is then 1."""
   case = suites.load_case(spec, cases_dir)
   if case.kernel is None:
     return None
@@ -103,8 +108,12 @@ def score_run(spec, run_dir, cases_dir, thresholds, sigmas, rcfg, border=8, weig
   if sr is not None:
     row["phase2"] = aligned(sr)
   row.update(tv_true=aligned(tv(case.kernel)), kernel_ncc=metrics.kernel_ncc(k_est, case.kernel))
+  spread = max_radius > 0 and kernel_net.rms_radius(k_est) > max_radius * s
+  row["spread"] = int(spread)
+  generic = kernel_net.export_kernel(kernel_net.gaussian_blob(k_est.shape[0], blend_sigma * s))
+  post = (lambda k: generic) if spread else (lambda k: k)
   for t in thresholds:
-    k = kernel_net.threshold_kernel(k_est, t)
+    k = post(kernel_net.threshold_kernel(k_est, t))
     row[f"thr{t:g}"] = aligned(tv(k))
     if sr is not None:
       row[f"p2init{t:g}"] = aligned(tv(k, sr))
@@ -114,7 +123,7 @@ def score_run(spec, run_dir, cases_dir, thresholds, sigmas, rcfg, border=8, weig
       other.weight = w
       row[f"thr{t:g}_w{w:g}"] = aligned(restore.solve_cfg(case.lr, k, s, other)[0])
     for b in blends:
-      row[f"thr{t:g}_b{b:g}"] = aligned(tv(kernel_net.blend_kernel(k, b, blend_sigma * s)))
+      row[f"thr{t:g}_b{b:g}"] = aligned(tv(post(kernel_net.blend_kernel(k, b, blend_sigma * s))))
   for sg in sigmas:
     row[f"gauss{sg:g}"] = aligned(tv(kernels.gaussian(case.kernel.shape[0], s, sigma=sg * s)))
   return row
@@ -122,7 +131,7 @@ def score_run(spec, run_dir, cases_dir, thresholds, sigmas, rcfg, border=8, weig
 
 def summary(rows):
   """Per PSNR column: (mean, min) of the gain over bicubic."""
-  cols = [c for c in rows[0] if c not in ("case", "config", "bicubic", "kernel_ncc")
+  cols = [c for c in rows[0] if c not in ("case", "config", "bicubic", "kernel_ncc", "spread")
           and not c.startswith("width")]
   return {c: (float(np.mean([r[c] - r["bicubic"] for r in rows])),
               float(np.min([r[c] - r["bicubic"] for r in rows]))) for c in cols}
@@ -139,6 +148,8 @@ def main(argv=None):
   ap.add_argument("--configs", default="", help="only these config fingerprints (comma "
                   "list; with --method ddm4ip, run folder names such as ddm4ip-seed1)")
   ap.add_argument("--border", type=int, default=8)
+  ap.add_argument("--max_radius", type=float, default=0.0, help="score kernels whose RMS "
+                  "radius passes this × the scale as the generic Gaussian (ddm4ip.max_radius)")
   ap.add_argument("--weights", default="", help="also these restore.weight values (at x2), "
                   "with the estimated kernel thresholded (columns thr<T>_w<W>)")
   ap.add_argument("--blends", default="", help="also these kernel.blend weights after each "
@@ -161,7 +172,7 @@ def main(argv=None):
   rows = []
   for spec, d, _ in found:
     row = score_run(spec, d, os.path.join(args.workdir, "cases"), thresholds, sigmas, rcfg,
-                    args.border, weights, blends, base.kernel.blend_sigma)
+                    args.border, weights, blends, base.kernel.blend_sigma, args.max_radius)
     if row is None:
       continue
     rows.append(row)
