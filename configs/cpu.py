@@ -97,6 +97,11 @@ def get_config():
   dd.kernel_lr = 5e-4
   dd.g_channels = 32
   dd.steps_per_chunk = 100
+  # Its raw kernels come out too wide at this budget: taps below 20 % of the maximum are
+  # zeroed, then the kernel is mixed half and half with the Gaussian of kernel.blend_sigma
+  # (chosen on `mini` x2, held out on `photos3x3` x2: BENCHMARKS.md, "DDM4IP and IKE").
+  dd.threshold = 0.2
+  dd.blend = 0.5
   # --method ike: the paper's 3000 iterations with 16-channel networks (as KernelGAN here).
   # The backward adversarial weight is 0.5, not the paper's 5: at 5 (and 2, and with the
   # paper's 64-channel U and discriminators) the SR image falls 5-12 dB below bicubic within

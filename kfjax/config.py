@@ -161,6 +161,8 @@ def base_config():
       t_max=0.95,           # IKL's times drawn from U[0, t_max] (t/(1-t) diverges at 1)
       steps_per_chunk=100,
       # kfjax options, off in the paper's setting (BENCHMARKS.md, "DDM4IP and IKE"):
+      threshold=0.0,        # its kernel's post-processing, as kernel.threshold / blend do
+      blend=0.0,            # for KernelFusion's (the same functions and blend_sigma)
       normalise=False,      # fake patches through the kernel divided by its sum
       max_radius=0.0,       # a kernel with an RMS radius above this × the scale is replaced
                             # by the generic Gaussian (kernel.blend_sigma); 0: off

@@ -39,9 +39,9 @@ in distribution. Three steps:
    kernel divided by its sum, so the IKL shapes the kernel and never has to fight the
    regularisers over its mass (the sum then settles near 1/2, and is not checked).
 3. **The SR image**: the found kernel, after :func:`finish_kernel` (a guard against a
-   kernel spread over the grid, ``ddm4ip.max_radius``, then the preset's post-processing
-   of blind estimates, ``cfg.kernel.threshold`` / ``blend``, as KernelFusion's; all off in
-   the base config), goes to kfjax's non-blind restoration
+   kernel spread over the grid, ``ddm4ip.max_radius``, then the post-processing
+   ``ddm4ip.threshold`` / ``blend``, the same as KernelFusion's blind kernels get; all off
+   in the base config), goes to kfjax's non-blind restoration
    (:mod:`kfjax.restore`, ``cfg.restore``): two-step, as the paper pairs it with
    ZSSR / USRNet / DANv2's restorer.
 
@@ -63,7 +63,6 @@ import tqdm
 
 from kfjax import kernelgan
 from kfjax import loop
-from kfjax import phase2
 from kfjax import runtime
 from kfjax.errors import KfjaxError
 from kfjax.models import kernel_net
@@ -90,6 +89,8 @@ def checks(d):
        "ddm4ip learning rates must be > 0 and flow_ema in [0, 1)"),
       (0 < d.t_max < 1, f"ddm4ip.t_max must be in (0, 1), got {d.t_max}"),
       (d.max_radius >= 0, f"ddm4ip.max_radius must be >= 0 (0: off), got {d.max_radius}"),
+      (0 <= d.threshold < 1 and 0 <= d.blend <= 1,
+       "ddm4ip.threshold must be in [0, 1) and ddm4ip.blend in [0, 1]"),
       (d.weighting in WEIGHTINGS,
        f"ddm4ip.weighting must be one of {', '.join(WEIGHTINGS)}, got {d.weighting!r}"),
   ]
@@ -411,8 +412,8 @@ def estimate_kernel(lr_image, scale, cfg, show_progress=True, finish=True):
   if finish:
     k = finish_kernel(cfg, k, scale, info)
   info.update(seconds=round(time.time() - t0, 2), kernel_size=int(k.shape[0]),
-              threshold=float(cfg.kernel.threshold) if finish else 0.0,
-              blend=float(cfg.kernel.blend) if finish else 0.0)
+              threshold=float(cfg.ddm4ip.threshold) if finish else 0.0,
+              blend=float(cfg.ddm4ip.blend) if finish else 0.0)
   return k, info
 
 
@@ -423,10 +424,10 @@ def finish_kernel(cfg, kernel, scale, info=None):
   replaced by the generic Gaussian of std ``kernel.blend_sigma × scale`` on its grid:
   on a smooth image the matching can spread the kernel over the whole grid, and a
   restoration that trusts it loses 10-25 dB (BENCHMARKS.md, "DDM4IP and IKE"); the
-  true kernels of the suites stay within 1.2 × the scale. Otherwise the preset's
-  post-processing of blind estimates, as KernelFusion's (``kernel.threshold`` /
-  ``blend``, :func:`kfjax.phase2.finish_kernel`). ``info`` (a dict) gets
-  ``"spread_fallback"`` when the guard acts.
+  true kernels of the suites stay within 1.2 × the scale. Otherwise its post-processing
+  (``ddm4ip.threshold`` / ``blend``: :func:`kfjax.models.kernel_net.post_process`, as
+  ``kernel.threshold`` / ``blend`` for KernelFusion, with ``kernel.blend_sigma``).
+  ``info`` (a dict) gets ``"spread_fallback"`` when the guard acts.
   """
   radius, limit = kernel_net.rms_radius(kernel), float(cfg.ddm4ip.max_radius) * int(scale)
   if limit > 0 and radius > limit:
@@ -436,4 +437,6 @@ def finish_kernel(cfg, kernel, scale, info=None):
       info["spread_fallback"] = {"rms_radius": round(radius, 4), "limit": limit}
     return kernel_net.export_kernel(kernel_net.gaussian_blob(
         kernel.shape[0], float(cfg.kernel.blend_sigma) * int(scale)))
-  return phase2.finish_kernel(cfg, kernel, scale)   # non-negative, sum 1, float32
+  dc = cfg.ddm4ip
+  return kernel_net.post_process(kernel, float(dc.threshold), float(dc.blend),
+                                 float(cfg.kernel.blend_sigma) * int(scale))

@@ -693,12 +693,8 @@ def finish_kernel(cfg, kernel, scale=None):
   :func:`kernel_net.blend_kernel`; ``scale`` defaults to ``cfg.scale``). Either at 0 leaves
   the kernel as it is."""
   k = cfg.kernel
-  if k.threshold > 0:
-    kernel = kernel_net.threshold_kernel(kernel, k.threshold)
-  if k.blend > 0:
-    kernel = kernel_net.blend_kernel(kernel, k.blend,
-                                     k.blend_sigma * int(scale or cfg.scale))
-  return kernel
+  return kernel_net.post_process(kernel, k.threshold, k.blend,
+                                 k.blend_sigma * int(scale or cfg.scale))
 
 
 def finish_output(cfg, lr_image, hr, kernel, blind):

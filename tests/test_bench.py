@@ -352,11 +352,13 @@ def test_fingerprint_leaves_float32_precision_out():
   assert methods.fingerprint_of(cfg) != before
 
 
-@pytest.mark.parametrize("field,on", [("normalise", True), ("max_radius", 2.0)])
+@pytest.mark.parametrize("field,on", [("normalise", True), ("max_radius", 2.0),
+                                      ("threshold", 0.2), ("blend", 0.5)])
 def test_fingerprint_leaves_later_ddm4ip_options_out_while_off(field, on):
   import ml_collections
   from kfjax import config as config_lib
   cfg = config_lib.preset("cpu")
+  cfg.ddm4ip.threshold = cfg.ddm4ip.blend = 0.0
   legacy = cfg.to_dict()
   del legacy["ddm4ip"][field]
   before = methods.fingerprint_of(cfg)

@@ -275,7 +275,7 @@ def test_a_kernel_spread_over_the_grid_becomes_the_generic_gaussian():
   """``ddm4ip.max_radius``: a kernel whose RMS radius passes max_radius × scale is replaced
   by the Gaussian of std blend_sigma × scale (NumPy reference); a compact one is not."""
   cfg = config_lib.preset("smoke")
-  cfg.ddm4ip.max_radius, cfg.kernel.threshold, cfg.kernel.blend = 2.0, 0.0, 0.0
+  cfg.ddm4ip.max_radius, cfg.ddm4ip.threshold, cfg.ddm4ip.blend = 2.0, 0.0, 0.0
   size, s = 16, 2
   u = np.arange(size) - (size - 1) / 2
   ring = (np.maximum(np.abs(u)[:, None], np.abs(u)[None, :]) >= 7).astype(np.float64)
@@ -327,9 +327,11 @@ def test_estimate_kernel_is_valid_and_x4_composes(trained, lr_image, monkeypatch
   k4, info4 = ddm4ip.estimate_kernel(lr_image, 4, trained["cfg"], show_progress=False)
   expect = kernelgan.compose_x2(k)
   np.testing.assert_allclose(k4, expect / expect.sum(), atol=1e-6)
-  # The preset's post-processing (cfg.kernel threshold then blend), against NumPy:
+  # Its post-processing (ddm4ip.threshold then blend; kernel.blend_sigma), against NumPy;
+  # KernelFusion's (cfg.kernel threshold / blend) does not reach it:
   cfg = trained["cfg"].copy_and_resolve_references()
-  cfg.kernel.threshold, cfg.kernel.blend, cfg.kernel.blend_sigma = 0.4, 0.5, 0.35
+  cfg.ddm4ip.threshold, cfg.ddm4ip.blend, cfg.kernel.blend_sigma = 0.4, 0.5, 0.35
+  cfg.kernel.threshold, cfg.kernel.blend = 0.9, 1.0
   kp, infop = ddm4ip.estimate_kernel(lr_image, 2, cfg, show_progress=False)
   ref = np.asarray(k, np.float64)
   ref = np.where(ref >= 0.4 * ref.max(), ref, 0.0)
@@ -351,7 +353,7 @@ def test_bench_keeps_the_kernel_before_post_processing(trained, monkeypatch, tmp
   from kfjax.models import kernel_net  # noqa: PLC0415
   monkeypatch.setattr(ddm4ip, "train", lambda *a, **kw: (trained["raw"], dict(trained["info"]), None))
   cfg = trained["cfg"].copy_and_resolve_references()
-  cfg.kernel.threshold, cfg.kernel.blend = 0.4, 0.5
+  cfg.ddm4ip.threshold, cfg.ddm4ip.blend = 0.4, 0.5
   spec = suites.suite("tiny")[0]
   with jax.enable_x64(False):
     row = runner.run_one(spec, "ddm4ip", cfg, str(tmp_path), 2)

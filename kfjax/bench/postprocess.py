@@ -27,7 +27,7 @@ own in ``sr.npy`` / ``kernel.npy``).
 With ``--method ddm4ip`` the runs are the ``ddm4ip`` rows' folders (``runs/<case>/ddm4ip``,
 ``ddm4ip-seed<N>``) and the kernel is the one kept before the preset's post-processing
 (``kernel_raw.npy``); DDM4IP has no Phase 2 image, so ``phase2`` and ``p2init<T>`` are left
-out, and ``thr<T>_b<B>`` is exactly its row with ``kernel.threshold=T kernel.blend=B``
+out, and ``thr<T>_b<B>`` is exactly its row with ``ddm4ip.threshold=T ddm4ip.blend=B``
 (and ``--max_radius R`` with ``ddm4ip.max_radius=R``: a spread kernel is scored as the
 generic Gaussian, ``spread`` 1). A
 folder holds its latest run only, so a workdir with DDM4IP rows of several configs holds

@@ -177,6 +177,16 @@ def blend_kernel(kernel, weight, sigma):
   return (out / out.sum()).astype(np.float32)
 
 
+def post_process(kernel, threshold, blend, sigma):
+  """:func:`threshold_kernel` at ``threshold`` then :func:`blend_kernel` at ``blend`` with
+  the Gaussian of std ``sigma`` (HR pixels); either at 0 is skipped."""
+  if threshold > 0:
+    kernel = threshold_kernel(kernel, threshold)
+  if blend > 0:
+    kernel = blend_kernel(kernel, blend, sigma)
+  return kernel
+
+
 def kernel_covariance(k):
   """The 2×2 covariance (second central moments, in pixels², ``(y, x)`` order) of a
   kernel's mass (negative taps clipped to zero)."""
