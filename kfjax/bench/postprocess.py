@@ -29,14 +29,13 @@ With ``--method ddm4ip`` the runs are the ``ddm4ip`` rows' folders (``runs/<case
 (``kernel_raw.npy``); DDM4IP has no Phase 2 image, so ``phase2`` and ``p2init<T>`` are left
 out, and ``thr<T>_b<B>`` is exactly its row with ``ddm4ip.threshold=T ddm4ip.blend=B``
 (and ``--max_radius R`` with ``ddm4ip.max_radius=R``: a spread kernel is scored as the
-generic Gaussian, ``spread`` 1). A
-folder holds its latest run only, so a workdir with DDM4IP rows of several configs holds
-the last one's kernels.
+generic Gaussian, ``spread`` 1). A folder holds its latest run only, so a workdir with
+DDM4IP rows of several configs holds the last one's kernels.
 
 It prints one line per run and the mean / minimum gain over bicubic per column, and
-writes ``postprocess.csv`` (``postprocess_ddm4ip.csv``) in the workdir. The Phase 2 path being the same, ``thr<T>`` is
-exactly what a run with those settings would have produced. The TV solver's other settings
-are the base config's ``restore`` block.
+writes ``postprocess.csv`` (``postprocess_ddm4ip.csv``) in the workdir. The Phase 2 path
+being the same, ``thr<T>`` is exactly what a run with those settings would have produced.
+The TV solver's other settings are the base config's ``restore`` block.
 """
 
 import argparse
