@@ -417,6 +417,12 @@ def estimate_kernel(lr_image, scale, cfg, show_progress=True, finish=True):
   return k, info
 
 
+def too_spread(kernel, max_radius, scale):
+  """Whether ``kernel``'s RMS radius passes ``max_radius × scale`` px (never if 0): the
+  guard of :func:`finish_kernel` (``ddm4ip.max_radius``)."""
+  return max_radius > 0 and kernel_net.rms_radius(kernel) > max_radius * int(scale)
+
+
 def finish_kernel(cfg, kernel, scale, info=None):
   """What the found (exported) kernel goes through before the restoration.
 
@@ -429,14 +435,14 @@ def finish_kernel(cfg, kernel, scale, info=None):
   ``kernel.threshold`` / ``blend`` for KernelFusion, with ``kernel.blend_sigma``).
   ``info`` (a dict) gets ``"spread_fallback"`` when the guard acts.
   """
-  radius, limit = kernel_net.rms_radius(kernel), float(cfg.ddm4ip.max_radius) * int(scale)
-  if limit > 0 and radius > limit:
+  dc = cfg.ddm4ip
+  if too_spread(kernel, float(dc.max_radius), scale):
+    radius, limit = kernel_net.rms_radius(kernel), float(dc.max_radius) * int(scale)
     warnings.warn(f"DDM4IP's kernel is spread over {radius:.1f} px (RMS radius, more than "
                   f"{limit:.1f}); using the generic Gaussian instead")
     if info is not None:
       info["spread_fallback"] = {"rms_radius": round(radius, 4), "limit": limit}
-    return kernel_net.export_kernel(kernel_net.gaussian_blob(
-        kernel.shape[0], float(cfg.kernel.blend_sigma) * int(scale)))
-  dc = cfg.ddm4ip
+    return kernel_net.gaussian_kernel(kernel.shape[0],
+                                      float(cfg.kernel.blend_sigma) * int(scale))
   return kernel_net.post_process(kernel, float(dc.threshold), float(dc.blend),
                                  float(cfg.kernel.blend_sigma) * int(scale))

@@ -204,8 +204,7 @@ def generic_kernel(cfg, scale):
   """The kernel of "no estimate": a centred isotropic Gaussian of std ``kernel.blend_sigma
   × scale`` HR pixels on the bench kernels' ``6·scale`` grid, sum 1 (float32); the kernel
   the blind post-processing (``kernel.blend``) shrinks estimates toward."""
-  return kernel_net.export_kernel(
-      kernel_net.gaussian_blob(6 * int(scale), float(cfg.kernel.blend_sigma) * int(scale)))
+  return kernel_net.gaussian_kernel(6 * int(scale), float(cfg.kernel.blend_sigma) * int(scale))
 
 
 @register("tv_generic")

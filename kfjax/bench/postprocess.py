@@ -49,6 +49,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 
+from kfjax import ddm4ip
 from kfjax import io as kio
 from kfjax.bench import kernels
 from kfjax.bench import metrics
@@ -107,9 +108,9 @@ def score_run(spec, run_dir, cases_dir, thresholds, sigmas, rcfg, border=8, weig
   if sr is not None:
     row["phase2"] = aligned(sr)
   row.update(tv_true=aligned(tv(case.kernel)), kernel_ncc=metrics.kernel_ncc(k_est, case.kernel))
-  spread = max_radius > 0 and kernel_net.rms_radius(k_est) > max_radius * s
+  spread = ddm4ip.too_spread(k_est, max_radius, s)
   row["spread"] = int(spread)
-  generic = kernel_net.export_kernel(kernel_net.gaussian_blob(k_est.shape[0], blend_sigma * s))
+  generic = kernel_net.gaussian_kernel(k_est.shape[0], blend_sigma * s)
   post = (lambda k: generic) if spread else (lambda k: k)
   for t in thresholds:
     k = post(kernel_net.threshold_kernel(k_est, t))

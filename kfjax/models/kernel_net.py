@@ -222,6 +222,11 @@ def gaussian_blob(size, sigma):
   return g / g.max()
 
 
+def gaussian_kernel(size, sigma):
+  """:func:`gaussian_blob` as a kernel: sum 1, float32 (:func:`export_kernel`)."""
+  return export_kernel(gaussian_blob(size, sigma))
+
+
 class DirectKernel(nn.Module):
   """The K×K entries are free parameters (appendix C.1, "direct kernel optimisation").
 
