@@ -27,3 +27,10 @@ def lr_image():
   r = np.arange(12) - 5.5
   k = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * 1.5 ** 2))
   return degrade.downscale_np(hr, k / k.sum(), 2).astype(np.float32)
+
+
+def pytest_configure(config):
+  # The suite has a wall-clock budget on a 2-core CI machine: always list the slowest tests,
+  # so a change that blows it shows where (an explicit --durations wins).
+  if config.option.durations is None:
+    config.option.durations = 25
