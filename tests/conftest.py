@@ -1,6 +1,8 @@
-"""Test-wide setup: fixed seeds, small thread use, preset loading."""
+"""Test-wide setup: fixed seeds, small thread use, preset loading, one compilation cache."""
 
 import os
+import shutil
+import tempfile
 
 # Less XLA optimisation: compiles ~40% faster, and tests run tiny shapes. Subprocesses
 # (the CLI tests) inherit it.
@@ -34,3 +36,21 @@ def pytest_configure(config):
   # so a change that blows it shows where (an explicit --durations wins).
   if config.option.durations is None:
     config.option.durations = 25
+  # One persistent compilation cache for the session, every program in it: tests rebuild
+  # the same jitted functions (fresh closures over the same tiny configs), and XLA then
+  # finds each program by its HLO instead of compiling it again.
+  # Set before collection, since JAX decides at its first compile whether the cache is on.
+  # The command-line tests' subprocesses share it through the environment (modules that
+  # test the cache itself set their own), so the suite writes nothing under ~/.cache.
+  import jax
+  config._kfjax_cache = tempfile.mkdtemp(prefix="kfjax-tests-jaxcache-")
+  jax.config.update("jax_compilation_cache_dir", config._kfjax_cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = config._kfjax_cache
+
+
+def pytest_unconfigure(config):
+  cache = getattr(config, "_kfjax_cache", None)
+  if cache:
+    shutil.rmtree(cache, ignore_errors=True)
