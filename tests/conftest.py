@@ -41,7 +41,7 @@ def pytest_configure(config):
   # finds each program by its HLO instead of compiling it again.
   # Set before collection, since JAX decides at its first compile whether the cache is on.
   # The command-line tests' subprocesses share it through the environment (modules that
-  # test the cache itself set their own), so the suite writes nothing under ~/.cache.
+  # test the cache itself set their own), so no compiled program is left under ~/.cache.
   import jax
   config._kfjax_cache = tempfile.mkdtemp(prefix="kfjax-tests-jaxcache-")
   jax.config.update("jax_compilation_cache_dir", config._kfjax_cache)
