@@ -43,11 +43,13 @@ def pytest_configure(config):
   # The command-line tests' subprocesses share it through the environment (modules that
   # test the cache itself set their own), so no compiled program is left under ~/.cache.
   import jax
-  config._kfjax_cache = tempfile.mkdtemp(prefix="kfjax-tests-jaxcache-")
-  jax.config.update("jax_compilation_cache_dir", config._kfjax_cache)
+  from kfjax import runtime
+  config._kfjax_cache = runtime.use_compile_cache(
+      tempfile.mkdtemp(prefix="kfjax-tests-jaxcache-"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = config._kfjax_cache
+  if config._kfjax_cache:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = config._kfjax_cache
 
 
 def pytest_unconfigure(config):
