@@ -20,11 +20,13 @@ batch of 32 64-px crops is 888 GFLOP per step (forward + backward), which in 2 m
 GFLOP per step (~55 TFLOP/s at 2 ms), what a current GPU sustains here. So 4 is the batch
 consistent with the paper's own timing; ``--config.train.batch_size=32`` restores the port's.
 
-Expected runtime: not measured on an accelerator yet (``launch/device_check.sh`` is the
-prepared measurement). Its floor is arithmetic: Phase 1 at batch 4 is ~111 GFLOP per step,
-11.1 PFLOP for 100k steps, and the reverse process of a 256² image another 1.65 PFLOP (26
-PFLOP at 1024²), i.e. at least ~13 s at an H100's dense bf16 peak (989 TFLOP/s) and ~26 s at
-its TF32 peak. On a 2-core CPU it is impractical (``python -m kfjax.bench.throughput --preset
+Expected runtime, measured on one NVIDIA H200 (``launch/device_check.sh``; BENCHMARKS.md,
+"On an NVIDIA H200"): a PD step takes 1.56 ms (9× PyTorch eager on the same GPU) and the
+reverse process of a 256² image 29 s, so one image is ~3.1 minutes (~2.3 in bf16), compiles
+excluded. The floor is arithmetic: Phase 1 at batch 4 is ~111 GFLOP per step, 11.1 PFLOP for
+100k steps, and the reverse process of a 256² image another 1.65 PFLOP (26 PFLOP at 1024²),
+i.e. at least ~13 s at an H100's dense bf16 peak (989 TFLOP/s); these small convolutions
+reach 71 TFLOP/s (float32) and 99 TFLOP/s (bf16), a tenth of it. On a 2-core CPU it is impractical (``python -m kfjax.bench.throughput --preset
 paper``; BENCHMARKS.md): use ``configs/cpu.py`` there. ``--config.precision=bfloat16``
 computes PD and the U-Net in bf16 (for accelerators; on XLA:CPU it is no faster).
 """

@@ -42,8 +42,9 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a --d
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a --distributed run.")
 _PER_DEVICE = flags.DEFINE_integer(
     "images_per_device", 1, "--images of the same size run together: spread over this "
-    "process's devices, this many vmapped on each (on accelerators, more images per device "
-    "keep it busier; one image at a time is the default on a single CPU).", lower_bound=1)
+    "process's devices, this many vmapped on each. Vmapped images share each convolution as "
+    "a grouped one, which was slower per image on both CPU and GPU, so 1 is the default.",
+    lower_bound=1)
 _SCALE = flags.DEFINE_integer("scale", None, "Integer upscaling factor (>= 2); default: the preset's.",
                               lower_bound=2)
 _WORKDIR = flags.DEFINE_string("workdir", None,
