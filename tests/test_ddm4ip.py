@@ -354,10 +354,11 @@ def test_bench_keeps_the_kernel_before_post_processing(trained, monkeypatch, tmp
   monkeypatch.setattr(ddm4ip, "train", lambda *a, **kw: (trained["raw"], dict(trained["info"]), None))
   cfg = trained["cfg"].copy_and_resolve_references()
   cfg.ddm4ip.threshold, cfg.ddm4ip.blend = 0.4, 0.5
-  spec = suites.suite("tiny")[0]
+  spec, nonlinear = suites.suite("tiny")[:2]
   with jax.enable_x64(False):
     row = runner.run_one(spec, "ddm4ip", cfg, str(tmp_path), 2)
-  assert row["status"] == "ok", row
+    row_nl = runner.run_one(nonlinear, "ddm4ip", cfg, str(tmp_path), 2)
+  assert row["status"] == "ok" and row_nl["status"] == "ok", (row, row_nl)
   run_dir = os.path.join(str(tmp_path), "runs", spec.name, "ddm4ip")
   raw = np.load(os.path.join(run_dir, "kernel_raw.npy"))
   np.testing.assert_allclose(raw, kernel_net.export_kernel(trained["raw"]), atol=1e-7)
@@ -377,18 +378,28 @@ def test_bench_keeps_the_kernel_before_post_processing(trained, monkeypatch, tmp
     postprocess.main(["--workdir", str(tmp_path), "--method", "ddm4ip", "--thresholds", "0,0.4",
                       "--sigmas", "0.35", "--border", "2", "--blends", "0.5"])
   with open(os.path.join(str(tmp_path), "postprocess_ddm4ip.csv")) as f:
-    (pp,) = list(csv.DictReader(f))
+    pp_nl, pp = list(csv.DictReader(f))      # sorted by case: camera_median first
   assert pp["config"] == "ddm4ip" and "phase2" not in pp
   assert float(pp["thr0.4_b0.5"]) == pytest.approx(float(row["subpixel_psnr"]), abs=1e-3)
   assert float(pp["thr0"]) != pytest.approx(float(pp["thr0.4_b0.5"]), abs=1e-3)
-  assert pp["spread"] == "0"
+  assert pp["spread"] == "0" and -1 <= float(pp["kernel_ncc"]) <= 1
+  # The median-filtered case has no true kernel: scored all the same, without the columns
+  # that need one.
+  assert pp_nl["case"] == nonlinear.name and pp_nl["tv_true"] == pp_nl["kernel_ncc"] == ""
+  assert pp_nl["width0"] == "" and pp["width0"] != ""
+  assert float(pp_nl["thr0.4_b0.5"]) == pytest.approx(float(row_nl["subpixel_psnr"]), abs=1e-3)
+  assert float(pp_nl["bicubic"]) > 0 and float(pp_nl["gauss0.35"]) > 0
+  # The summary averages each column over the rows that have it.
+  rows = [{"case": "a", "bicubic": 1.0, "thr0": 2.0, "tv_true": 4.0},
+          {"case": "b", "bicubic": 1.0, "thr0": 0.0}]
+  assert postprocess.summary(rows) == {"thr0": (0.0, -1.0, 2), "tv_true": (3.0, 3.0, 1)}
   # A radius limit every kernel passes: each column is the generic Gaussian's (gauss0.35).
   with jax.enable_x64(False):
     postprocess.main(["--workdir", str(tmp_path), "--method", "ddm4ip", "--thresholds", "0,0.4",
                       "--sigmas", "0.35", "--border", "2", "--blends", "0.5",
                       "--max_radius", "0.01"])
   with open(os.path.join(str(tmp_path), "postprocess_ddm4ip.csv")) as f:
-    (pp,) = list(csv.DictReader(f))
+    pp = list(csv.DictReader(f))[1]
   assert pp["spread"] == "1"
   for col in ("thr0", "thr0.4", "thr0.4_b0.5"):
     assert float(pp[col]) == pytest.approx(float(pp["gauss0.35"]), abs=0.02)

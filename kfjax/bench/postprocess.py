@@ -24,6 +24,10 @@ own in ``sr.npy`` / ``kernel.npy``).
 * ``gauss<σ>``: the TV solver with a fixed isotropic Gaussian of std ``σ·s`` in place of an
   estimate (what knowing nothing about the kernel buys).
 
+A case without a true kernel (the ``nonlinear`` degradations) is scored too, without the
+columns that need one (``tv_true``, ``kernel_ncc``, ``width<T>``); its ``gauss<σ>`` lie on
+the estimate's grid. The summary's means are over the runs that have the column.
+
 With ``--method ddm4ip`` the runs are the ``ddm4ip`` rows' folders (``runs/<case>/ddm4ip``,
 ``ddm4ip-seed<N>``) and the kernel is the one kept before the preset's post-processing
 (``kernel_raw.npy``); DDM4IP has no Phase 2 image, so ``phase2`` and ``p2init<T>`` are left
@@ -95,9 +99,8 @@ def score_run(spec, run_dir, cases_dir, thresholds, sigmas, rcfg, border=8, weig
   column, as the generic Gaussian it would become (:func:`kfjax.ddm4ip.finish_kernel`);
   the row's ``spread`` is then 1."""
   case = suites.load_case(spec, cases_dir)
-  if case.kernel is None:
-    return None
   s = spec.scale
+  known = case.kernel is not None
   aligned = lambda x: metrics.subpixel_psnr(np.asarray(x, np.float64), case.hr, crop=border)
   tv = lambda k, x_init=None: restore.solve_cfg(case.lr, k, s, rcfg, x_init)[0]
   k_est = np.load(_kernel_file(run_dir))
@@ -107,7 +110,9 @@ def score_run(spec, run_dir, cases_dir, thresholds, sigmas, rcfg, border=8, weig
          "bicubic": aligned(np.clip(np.asarray(resize.upscale(jnp.asarray(case.lr), s)), 0, 1))}
   if sr is not None:
     row["phase2"] = aligned(sr)
-  row.update(tv_true=aligned(tv(case.kernel)), kernel_ncc=metrics.kernel_ncc(k_est, case.kernel))
+  if known:
+    row.update(tv_true=aligned(tv(case.kernel)),
+               kernel_ncc=metrics.kernel_ncc(k_est, case.kernel))
   spread = ddm4ip.too_spread(k_est, max_radius, s)
   row["spread"] = int(spread)
   generic = kernel_net.gaussian_kernel(k_est.shape[0], blend_sigma * s)
@@ -117,24 +122,36 @@ def score_run(spec, run_dir, cases_dir, thresholds, sigmas, rcfg, border=8, weig
     row[f"thr{t:g}"] = aligned(tv(k))
     if sr is not None:
       row[f"p2init{t:g}"] = aligned(tv(k, sr))
-    row[f"width{t:g}"] = metrics.kernel_width_ratio(k, case.kernel)
+    if known:
+      row[f"width{t:g}"] = metrics.kernel_width_ratio(k, case.kernel)
     for w in weights:
       other = rcfg.copy_and_resolve_references()
       other.weight = w
       row[f"thr{t:g}_w{w:g}"] = aligned(restore.solve_cfg(case.lr, k, s, other)[0])
     for b in blends:
       row[f"thr{t:g}_b{b:g}"] = aligned(tv(post(kernel_net.blend_kernel(k, b, blend_sigma * s))))
+  grid = (case.kernel if known else k_est).shape[0]
   for sg in sigmas:
-    row[f"gauss{sg:g}"] = aligned(tv(kernels.gaussian(case.kernel.shape[0], s, sigma=sg * s)))
+    row[f"gauss{sg:g}"] = aligned(tv(kernels.gaussian(grid, s, sigma=sg * s)))
   return row
 
 
+def columns(rows):
+  """Every column of ``rows`` once, in first-seen order (rows of cases without a true
+  kernel lack some)."""
+  return list(dict.fromkeys(c for r in rows for c in r))
+
+
 def summary(rows):
-  """Per PSNR column: (mean, min) of the gain over bicubic."""
-  cols = [c for c in rows[0] if c not in ("case", "config", "bicubic", "kernel_ncc", "spread")
-          and not c.startswith("width")]
-  return {c: (float(np.mean([r[c] - r["bicubic"] for r in rows])),
-              float(np.min([r[c] - r["bicubic"] for r in rows]))) for c in cols}
+  """Per PSNR column: (mean, min, runs) of the gain over bicubic, over the rows that have
+  it."""
+  out = {}
+  for c in columns(rows):
+    if c in ("case", "config", "bicubic", "kernel_ncc", "spread") or c.startswith("width"):
+      continue
+    gains = [r[c] - r["bicubic"] for r in rows if c in r]
+    out[c] = (float(np.mean(gains)), float(np.min(gains)), len(gains))
+  return out
 
 
 def main(argv=None):
@@ -173,19 +190,15 @@ def main(argv=None):
   for spec, d, _ in found:
     row = score_run(spec, d, os.path.join(args.workdir, "cases"), thresholds, sigmas, rcfg,
                     args.border, weights, blends, base.kernel.blend_sigma, args.max_radius)
-    if row is None:
-      continue
     rows.append(row)
     print(f"{row['case']} [{row['config']}] " + " ".join(
         f"{k} {v:.2f}" for k, v in row.items() if k not in ("case", "config")), flush=True)
-  if not rows:
-    sys.exit("kfjax.bench.postprocess: error: no run with a true kernel")
-  for c, (mean, low) in summary(rows).items():
-    print(f"{c:>12s}: {mean:+.2f} dB over bicubic on average, worst {low:+.2f} ({len(rows)} runs)")
+  for c, (mean, low, n) in summary(rows).items():
+    print(f"{c:>12s}: {mean:+.2f} dB over bicubic on average, worst {low:+.2f} ({n} runs)")
   path = os.path.join(args.workdir, "postprocess.csv" if args.method == "kernelfusion"
                       else f"postprocess_{args.method}.csv")
   text = io.StringIO(newline="")
-  w = csv.DictWriter(text, list(rows[0]))
+  w = csv.DictWriter(text, columns(rows), restval="")
   w.writeheader()
   w.writerows(rows)
   kio.save_text_atomic(path, text.getvalue())
