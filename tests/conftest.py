@@ -49,7 +49,14 @@ def pytest_configure(config):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
   if config._kfjax_cache:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = config._kfjax_cache
+    # The subprocesses get the same settings, the size cap included: a process without a
+    # cap writes entries without the access-time files that a capped one's eviction reads
+    # (JAX then fails to write the capped process's entries, warning each time).
+    os.environ.update({
+        "JAX_COMPILATION_CACHE_DIR": config._kfjax_cache,
+        "JAX_COMPILATION_CACHE_MAX_SIZE": str(runtime.CACHE_MAX_BYTES),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"})
 
 
 def pytest_unconfigure(config):
