@@ -58,9 +58,6 @@ def get_config():
   cfg.sample.lr_schedule = "global"
   cfg.sample.iters_per_chunk = 20
   cfg.sample.checkpoint_every = 5
-  # --config.sample.num_samples=N runs one sample after another: vmapped, XLA:CPU turns
-  # the convolutions into slow grouped ones (BENCHMARKS.md, "Averaging runs").
-  cfg.sample.vmap_samples = False
   # After Phase 2 (kfjax options; --config.kernel.threshold=0 --config.kernel.blend=0
   # --config.restore.final=False gives Algorithm 1's output): the kernel's taps below 40 %
   # of its maximum are zeroed (its low, wide halo costs several dB), the kernel is then

@@ -492,10 +492,10 @@ def run(cfg, pd_model, pd_params, lr_image, fixed_kernel=None, workdir=None,
   into ``workdir`` and resumes from there. With ``sample.num_samples = N > 1``, N
   independent runs (keys from :func:`sample_keys`) are made and the result is their
   mean: the mean of the N images (each clipped to [−1, 1]) and of the N kernels. With
-  ``sample.vmap_samples`` the N runs go through one vmapped program (for accelerators);
-  otherwise one after another through the same compiled program (faster on XLA:CPU,
-  where vmapped convolutions become slow grouped ones); sample j is the same run either
-  way, up to float rounding.
+  ``sample.vmap_samples`` the N runs go through one vmapped program; otherwise (the
+  default) one after another through the same compiled program, which was faster where
+  measured (vmapped, each convolution over the runs' own weights becomes a grouped one);
+  sample j is the same run either way, up to float rounding.
 
   With ``finish`` (the default) the result then goes through :func:`finish_output`
   (the kfjax options ``kernel.threshold``, ``kernel.blend`` and ``restore.final``);
