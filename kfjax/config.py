@@ -169,6 +169,8 @@ def base_config():
       normalise=False,      # fake patches through the kernel divided by its sum
       max_radius=0.0,       # a kernel with an RMS radius above this × the scale is replaced
                             # by the generic Gaussian (kernel.blend_sigma); 0: off
+      x4="compose",         # at x4: "compose" the x2 kernel with itself (as KernelGAN), or
+                            # match a x4 kernel net "direct"ly (smaller patches fit)
   ))
 
   # IKE (seed 002) as a blind SR method (``--method ike``): kernel and SR image from one

@@ -69,6 +69,7 @@ from kfjax.models import kernel_net
 from kfjax.models import velocity
 
 WEIGHTINGS = ("score", "velocity")
+X4_MODES = ("compose", "direct")
 # A matching kernel is kept only if its (unnormalised) sum is within this of 1. The
 # sum-to-one regulariser holds a converging run's sum to about ±0.1; a diverging one's falls
 # towards 0 or below (BENCHMARKS.md, "DDM4IP and IKE": coffee × anisotropic diffusion).
@@ -93,6 +94,7 @@ def checks(d):
        "ddm4ip.threshold must be in [0, 1) and ddm4ip.blend in [0, 1]"),
       (d.weighting in WEIGHTINGS,
        f"ddm4ip.weighting must be one of {', '.join(WEIGHTINGS)}, got {d.weighting!r}"),
+      (d.x4 in X4_MODES, f"ddm4ip.x4 must be one of {', '.join(X4_MODES)}, got {d.x4!r}"),
   ]
 
 
@@ -401,12 +403,13 @@ def estimate_kernel(lr_image, scale, cfg, show_progress=True, finish=True):
   """
   t0 = time.time()
   scale = int(scale)
-  scale_g = 2 if scale == 4 else scale
+  compose = scale == 4 and cfg.ddm4ip.x4 == "compose"
+  scale_g = 2 if compose else scale
   raw, info, _ = train(cfg, lr_image, scale_g, show_progress)
   if not np.all(np.isfinite(raw)) or np.clip(raw, 0, None).sum() <= 0:
     raise KfjaxError("DDM4IP's kernel has no positive mass (training diverged)")
   k = kernel_net.export_kernel(raw)
-  if scale == 4:
+  if compose:
     k = kernel_net.export_kernel(kernelgan.compose_x2(k))
   info.update(raw_sum=float(raw.sum()), rms_radius=round(kernel_net.rms_radius(k), 4))
   if finish:

@@ -327,6 +327,16 @@ def test_estimate_kernel_is_valid_and_x4_composes(trained, lr_image, monkeypatch
   k4, info4 = ddm4ip.estimate_kernel(lr_image, 4, trained["cfg"], show_progress=False)
   expect = kernelgan.compose_x2(k)
   np.testing.assert_allclose(k4, expect / expect.sum(), atol=1e-6)
+  # ddm4ip.x4 = "direct": the net is matched at x4 itself and its kernel kept as it is.
+  scales = []
+  monkeypatch.setattr(ddm4ip, "train", lambda c, im, s, *a, **kw: (
+      scales.append(s) or trained["raw"], dict(trained["info"]), None))
+  direct = trained["cfg"].copy_and_resolve_references()
+  direct.ddm4ip.x4 = "direct"
+  k4d, _ = ddm4ip.estimate_kernel(lr_image, 4, direct, show_progress=False)
+  ddm4ip.estimate_kernel(lr_image, 4, trained["cfg"], show_progress=False)
+  assert scales == [4, 2]
+  np.testing.assert_allclose(k4d, k, atol=1e-7)
   # Its post-processing (ddm4ip.threshold then blend; kernel.blend_sigma), against NumPy;
   # KernelFusion's (cfg.kernel threshold / blend) does not reach it:
   cfg = trained["cfg"].copy_and_resolve_references()
@@ -448,6 +458,10 @@ def test_image_too_small_and_bad_config_are_clear_errors():
   bad = config_lib.preset("smoke")
   bad.ddm4ip.weighting = "nope"
   assert not all(ok for ok, _ in ddm4ip.checks(bad.ddm4ip))
+  bad = config_lib.preset("smoke")
+  bad.ddm4ip.x4 = "twice"
+  assert [m for ok, m in ddm4ip.checks(bad.ddm4ip) if not ok] == [
+      "ddm4ip.x4 must be one of compose, direct, got 'twice'"]
 
 
 # -- command line -----------------------------------------------------------------------------

@@ -261,7 +261,8 @@ def register_variant(name, overrides, doc=None):
 # Fields added after rows were recorded, left out of the fingerprint at their "off" value
 # so that those rows keep theirs: (block, field, off value).
 _LATER_FIELDS = (("ddm4ip", "normalise", False), ("ddm4ip", "max_radius", 0.0),
-                 ("ddm4ip", "threshold", 0.0), ("ddm4ip", "blend", 0.0))
+                 ("ddm4ip", "threshold", 0.0), ("ddm4ip", "blend", 0.0),
+                 ("ddm4ip", "x4", "compose"))
 
 
 def fingerprint_of(cfg):
