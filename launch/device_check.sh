@@ -19,10 +19,16 @@
 # A step never runs past the whole run's budget (BUDGET seconds, default 570) and is skipped
 # when less than 30 s of it are left.
 #
-# The GPU image has JAX, Flax, Optax, Orbax and PyTorch but not ml_collections; carry its
-# wheel (pure Python). Once, here, from the repository root:
+# STEPS=4567 runs only those steps (numbers above; default all): steps 1-3 have been
+# measured on an H200 (BENCHMARKS.md, "On an NVIDIA H200"), and a first run's compiles
+# take most of a short step's limit, so a later lease can spend its time on the others.
+#
+# The GPU image has JAX, Flax, Optax, Orbax and PyTorch but not ml_collections or
+# imagecodecs (kfjax.io imports it); carry their wheels. Once, here, from the repository root:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl ml_collections==1.1.0
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 -d .whl "imagecodecs>=2024.6.1"
 # then on the device tool: run(command="bash launch/device_check.sh", carry=[".whl"], timeout_s=600).
 set -uo pipefail
 py=${PYTHON:-python3}
@@ -54,8 +60,12 @@ else
   mini="--suite mini --scales 2 --config cpu"; limit=(150 150 70 70 70 70 200)
 fi
 
+steps=${STEPS:-1234567}
+n=0
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log its exit status
   local name=$1 secs=$2; shift 2
+  n=$((n + 1))
+  if [[ $steps != *$n* ]]; then echo "== $name: not in STEPS=$steps" >>"$log"; return; fi
   local left=$((budget - SECONDS - 5))
   (( secs > left )) && secs=$left
   if (( secs < 30 )); then echo "== $name: skipped, ${left}s of the budget left" >>"$log"; return; fi
