@@ -89,7 +89,9 @@ flags.DEFINE_enum("torch_device", "auto", ["auto", "cpu", "cuda"],
                   "Where the PyTorch reference runs: auto = CUDA when JAX runs on a GPU and torch "
                   "sees one, else the CPU.")
 flags.DEFINE_bool("torch", True, "Time the PyTorch eager reference too (skipped if torch is absent).")
-flags.DEFINE_integer("peak_size", 2048, "Matrix side for the matmul-peak measurement.")
+flags.DEFINE_integer("peak_size", 0, "Matrix side for the matmul-peak measurement (0: 2048 on "
+                     "the CPU, 8192 on an accelerator, where a 2048² product is too short to time: "
+                     "it read 50-93 TFLOP/s on an H200).", lower_bound=0)
 flags.DEFINE_bool("json", False, "Print one JSON document instead of tables.")
 flags.DEFINE_string("from_json", None, "Print the tables of a saved --json document (e.g. from "
                     "launch/device_check.sh) and measure nothing.")
@@ -147,9 +149,10 @@ def run_all(preset, what, use_torch):
     out["torch"] = torch.__version__
     out["torch_threads"] = torch.get_num_threads()
     out["torch_device"] = torch_timing.torch_device()
-  peak = jax_timing.matmul_peak(FLAGS.peak_size)
+  size = FLAGS.peak_size or (2048 if jax.default_backend() == "cpu" else 8192)
+  peak = jax_timing.matmul_peak(size)
   out["matmul_peak_flop_s"] = peak
-  out["peak_size"] = FLAGS.peak_size
+  out["peak_size"] = size
   if "phase1" in what:
     _log("phase 1")
     cfg = phase1_config(preset)
@@ -223,7 +226,7 @@ def format_tables(r):
   lines = [f"preset `{r['preset']}` ({r.get('precision', 'float32')}), {r['device']}, jax {r['jax']}, torch {r['torch']}"
            f"{' on ' + r['torch_device'] if r.get('torch_device') else ''}, {r['date']}, "
            f"conv gradients: {r.get('conv_backward', 'custom')}",
-           f"matmul peak (float32 {r.get('peak_size', FLAGS.peak_size)}² jnp.dot): {r['matmul_peak_flop_s'] / 1e9:.1f} GFLOP/s", ""]
+           f"matmul peak (float32 {r.get('peak_size', 2048)}² jnp.dot): {r['matmul_peak_flop_s'] / 1e9:.1f} GFLOP/s", ""]
   if "phase1" in r:
     p = r["phase1"]
     xla = "n/a" if p["xla_flops_per_step"] is None else f"{p['xla_flops_per_step'] / 1e9:.1f}"
