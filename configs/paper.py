@@ -26,8 +26,9 @@ reverse process of a 256² image 29 s, so one image is ~3.1 minutes (~2.3 in bf1
 excluded. The floor is arithmetic: Phase 1 at batch 4 is ~111 GFLOP per step, 11.1 PFLOP for
 100k steps, and the reverse process of a 256² image another 1.65 PFLOP (26 PFLOP at 1024²),
 i.e. at least ~13 s at an H100's dense bf16 peak (989 TFLOP/s); these small convolutions
-reach 71 TFLOP/s (float32) and 99 TFLOP/s (bf16), a tenth of it. On a 2-core CPU it is impractical (``python -m kfjax.bench.throughput --preset
-paper``; BENCHMARKS.md): use ``configs/cpu.py`` there. ``--config.precision=bfloat16``
+reach 71 TFLOP/s (float32) and 99 TFLOP/s (bf16), a tenth of it. On a 2-core CPU it is
+impractical (``python -m kfjax.bench.throughput --preset paper``; BENCHMARKS.md): use
+``configs/cpu.py`` there. ``--config.precision=bfloat16``
 computes PD and the U-Net in bf16 (for accelerators; on XLA:CPU it is no faster).
 """
 
