@@ -88,9 +88,9 @@ def base_config():
       # Independent runs of Phase 2 (own U-Net/kernel init and noise); sr.png and
       # kernel.npy are their means (a kfjax option; 1: the paper's single run).
       num_samples=1,
-      # True: the runs in one vmapped program. Off: vmapped, each convolution over the runs'
-      # own weights becomes a grouped one, and the same program vmapped over images ran
-      # 2.5x slower per image on an H200 (BENCHMARKS.md), as on XLA:CPU.
+      # True runs them as one vmapped program. Off by default: vmapped, each convolution
+      # over the runs' own weights becomes a grouped one, and the same program vmapped over
+      # images ran 2.5x slower per image on an H200 (BENCHMARKS.md), as on XLA:CPU.
       vmap_samples=False,
       iters_per_chunk=20,   # Adam iterations per dispatch (the progress bar's granularity)
       checkpoint_every=20,  # reverse steps between checkpoints (and at the end)
