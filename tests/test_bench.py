@@ -217,6 +217,64 @@ def test_runner_seeds_repeat_rows_and_report_the_spread(smoke_cfg, tmp_path):
   assert len(seen) == 2 * n and sorted(r["seed"] for r in again) == ["3"] * n + ["5"] * n
 
 
+def test_a_changed_block_reruns_only_the_methods_that_read_it(smoke_cfg, tmp_path):
+  """Each row's fingerprint covers the blocks its method reads (``register``'s ``reads`` and
+  ``estimator``) and the top-level fields: a DDM4IP setting re-runs DDM4IP's rows only."""
+  calls = {}
+
+  def make(name):
+    def fn(case, cfg, workdir):
+      calls[name] = calls.get(name, 0) + 1
+      return methods.Result(sr=case.hr, seconds=1.0)
+    return fn
+  methods.register("test_kf")(make("test_kf"))            # KernelFusion-like: all but estimators
+  methods.register("test_dd", reads=("restore",), estimator="ddm4ip")(make("test_dd"))
+  methods.register("test_plain", reads=())(make("test_plain"))
+  names = ["test_kf", "test_dd", "test_plain"]
+  steps = [({}, (1, 1, 1)),
+           ({"ddm4ip.kernel_lr": 1e-3}, (1, 2, 1)),      # only the estimator's own rows
+           ({"ike.iterations": 9, "kernelgan.iterations": 9}, (1, 2, 1)),   # no one's
+           ({"restore.steps": 7}, (2, 3, 1)),            # read by test_kf (all) and test_dd
+           ({"sample.lr": 5e-4}, (3, 3, 1)),
+           ({"seed": 5}, (4, 4, 2))]                       # top-level: everyone's
+  try:
+    cfg = smoke_cfg
+    for overrides, expected in steps:
+      cfg = methods.with_overrides(cfg, overrides)
+      runner.run(suites.suite("tiny")[:1], names, cfg, str(tmp_path), border=2,
+                 show_progress=False)
+      assert tuple(calls.get(n, 0) for n in names) == expected, (overrides, calls)
+    with pytest.raises(ValueError, match="estimator must be one of"):
+      methods.register("test_bad", estimator="restore")
+  finally:
+    for n in names:
+      del methods.METHODS[n], methods.READS[n]
+  from kfjax.errors import KfjaxError
+  with pytest.raises(KfjaxError, match="unknown method"):
+    methods.fingerprint_of(smoke_cfg, "no_such_method")
+
+
+def test_narrow_methods_never_read_the_blocks_their_fingerprint_leaves_out(smoke_cfg, tmp_path,
+                                                                          monkeypatch):
+  """The methods whose fingerprint leaves blocks out really do not read them: each runs on a
+  config with every other block deleted (reading one would raise), checks skipped."""
+  import ml_collections
+  case = suites.load_case(suites.suite("tiny")[0], str(tmp_path / "cases"))
+  monkeypatch.setattr(methods.pipeline, "validate_config", lambda cfg: None)
+  full = smoke_cfg.to_dict()
+  for name in ("bicubic", "tv_nonblind", "tv_generic", "ddm4ip", "ike"):
+    reads, estimator = methods.READS[name]
+    stripped = ml_collections.ConfigDict(
+        {k: v for k, v in full.items() if not isinstance(v, dict) or k in {*reads, estimator}})
+    assert methods.fingerprint_of(stripped, name) == methods.fingerprint_of(smoke_cfg, name)
+    r = methods.get(name)(case, stripped, str(tmp_path / name))
+    assert r.sr.shape == case.hr.shape and np.all(np.isfinite(r.sr)), name
+  # KernelFusion's reads everything but the estimators' blocks.
+  assert methods.READS["kernelfusion"] == (None, None)
+  assert methods.fingerprint_of(methods.with_overrides(smoke_cfg, {"train.steps": 3}),
+                                "kernelfusion") != methods.fingerprint_of(smoke_cfg, "kernelfusion")
+
+
 def test_with_overrides_copies_and_rejects_unknown(smoke_cfg):
   cfg = methods.with_overrides(smoke_cfg, {"kernel.width": 7})
   assert cfg.kernel.width == 7 and smoke_cfg.kernel.width != 7

@@ -13,6 +13,10 @@ returns the SR image in [0, 1] and, for kernel estimators, the kernel. Register 
 or a KernelFusion variant that only changes config fields with
 ``register_variant("kf_direct_relu", {"kernel.net": "direct_relu"})``.
 
+A row is kept under its method's config fingerprint (:func:`fingerprint_of`), which covers
+only the config blocks the method reads (``register``'s ``reads`` and ``estimator``), so
+that changing one method's settings re-runs that method's rows and not every other's.
+
 KernelFusion's Phase 1 (the PD trained on the LR image) depends only on the image and the
 PD/training fields, so the methods of one case share it: :func:`trained_pd` keeps it in
 ``<case dir>/pd-<fingerprint>/`` and a method that finds it there restores it; the training
@@ -53,14 +57,29 @@ class Result:
 
 
 METHODS = {}
+# The other kernel estimators' own config blocks: KernelFusion's methods never read them.
+ESTIMATOR_BLOCKS = ("kernelgan", "ddm4ip", "ike")
+# Per method: the config blocks its fingerprint covers (None: every block but
+# ESTIMATOR_BLOCKS), and the estimator block it adds.
+READS = {}
 
 
-def register(name):
-  """Decorator: make ``fn(case, cfg, workdir) -> Result`` available as method ``name``."""
+def register(name, reads=None, estimator=None):
+  """Decorator: make ``fn(case, cfg, workdir) -> Result`` available as method ``name``.
+
+  ``reads``: the config blocks the method's result depends on (``None``, the default: all
+  but :data:`ESTIMATOR_BLOCKS`, i.e. KernelFusion's); ``estimator``: one of
+  :data:`ESTIMATOR_BLOCKS` it also reads. Its rows' fingerprint covers those blocks and the
+  top-level fields (seed, scale, ...), so listing too little would let a changed setting
+  reuse stale rows: when in doubt leave ``reads`` at ``None``."""
+  if estimator is not None and estimator not in ESTIMATOR_BLOCKS:
+    raise ValueError(f"estimator must be one of {ESTIMATOR_BLOCKS}, got {estimator!r}")
+
   def deco(fn):
     if name in METHODS:
       raise ValueError(f"method {name!r} is registered twice")
     METHODS[name] = fn
+    READS[name] = (None if reads is None else tuple(reads), estimator)
     return fn
   return deco
 
@@ -129,7 +148,7 @@ def _prepare(case, cfg):
 
 # -- methods ------------------------------------------------------------------------------
 
-@register("bicubic")
+@register("bicubic", reads=())
 def bicubic(case, cfg, workdir):
   """MATLAB-compatible bicubic upscaling (the floor)."""
   del cfg, workdir
@@ -146,7 +165,7 @@ def blind_result(case, cfg, case_dir):
   The folder holds the run's outputs (``sr.npy``, ``kernel.npy``) and Phase 2's own
   (``sr_phase2.npy``, ``kernel_phase2.npy``: before ``phase2.finish_output``), which
   ``kfjax.bench.postprocess`` re-finishes under other settings."""
-  d = os.path.join(case_dir, f"kf-{fingerprint_of(cfg)}")
+  d = os.path.join(case_dir, f"kf-{fingerprint_of(cfg, 'kernelfusion')}")
   names = ("sr.npy", "kernel.npy", "sr_phase2.npy", "kernel_phase2.npy", "info.json")
   files = {n: os.path.join(d, n) for n in names}
   if all(os.path.exists(files[n]) for n in ("sr.npy", "kernel.npy", "info.json")):
@@ -188,7 +207,7 @@ def _tv(case, cfg, kernel):
   return np.asarray(x, np.float64), time.time() - t0
 
 
-@register("tv_nonblind")
+@register("tv_nonblind", reads=("restore",))
 def tv_nonblind(case, cfg, workdir):
   """Classical non-blind SR: TV-regularised least squares with the TRUE kernel from the
   bicubic start (:mod:`kfjax.restore`, ``cfg.restore``; no diffusion, no network)."""
@@ -207,7 +226,7 @@ def generic_kernel(cfg, scale):
   return kernel_net.gaussian_kernel(6 * int(scale), float(cfg.kernel.blend_sigma) * int(scale))
 
 
-@register("tv_generic")
+@register("tv_generic", reads=("restore", "kernel"))
 def tv_generic(case, cfg, workdir):
   """The TV solver of ``tv_nonblind`` with no kernel estimate, only :func:`generic_kernel`.
   A blind method restored by the same solver (``ddm4ip``, ``tv_blind``) has to beat it for
@@ -265,13 +284,21 @@ _LATER_FIELDS = (("ddm4ip", "normalise", False), ("ddm4ip", "max_radius", 0.0),
                  ("ddm4ip", "x4", "compose"))
 
 
-def fingerprint_of(cfg):
+def fingerprint_of(cfg, method=None):
   """Short fingerprint of a config, recorded per row so changed settings are visible.
 
-  ``precision`` enters as the checkpoints' :func:`kfjax.config.precision_part` (nothing at its
-  float32 default), and the :data:`_LATER_FIELDS` only when on, so rows written before
-  those fields existed keep their fingerprint."""
+  With ``method``, of the part of the config that method reads (:func:`register`): the
+  top-level fields and its blocks; without, of the whole config. ``precision`` enters as the
+  checkpoints' :func:`kfjax.config.precision_part` (nothing at its float32 default), and the
+  :data:`_LATER_FIELDS` only when on, so rows written before those fields existed keep their
+  fingerprint."""
   d = cfg.to_dict()
+  if method is not None:
+    get(method)
+    reads, estimator = READS[method]
+    keep = {estimator} | (set(reads) if reads is not None else
+                          {k for k in d if k not in ESTIMATOR_BLOCKS})
+    d = {k: v for k, v in d.items() if not isinstance(v, dict) or k in keep}
   d.pop("precision", None)
   for block, field, off in _LATER_FIELDS:
     if block in d and d[block].get(field) == off:
@@ -311,7 +338,7 @@ def kf_dip(case, cfg, workdir):
   return Result(sr=sr, kernel=k, seconds=t2, info={"seconds_phase2": t2})
 
 
-@register("kernelgan")
+@register("kernelgan", estimator="kernelgan")
 def kernelgan_method(case, cfg, workdir):
   """KernelGAN's kernel (``kfjax.kernelgan``) + KernelFusion's non-blind Phase 2."""
   from kfjax import kernelgan  # noqa: PLC0415
@@ -325,7 +352,7 @@ def kernelgan_method(case, cfg, workdir):
                 info={"seconds_kernelgan": t_kg, "seconds_phase1": t1, "seconds_phase2": t2})
 
 
-@register("ddm4ip")
+@register("ddm4ip", reads=("restore", "kernel"), estimator="ddm4ip")
 def ddm4ip_method(case, cfg, workdir):
   """DDM4IP's kernel (``kfjax.ddm4ip``) + the TV restoration (``cfg.restore``), two-step.
   The kernel before the preset's post-processing is kept as ``kernel_raw.npy`` beside the
@@ -347,7 +374,7 @@ def ddm4ip_method(case, cfg, workdir):
                       "spread_fallback": info.get("spread_fallback")})
 
 
-@register("ike")
+@register("ike", reads=(), estimator="ike")
 def ike_method(case, cfg, workdir):
   """IKE (``kfjax.ike``): kernel (impulse response) and SR image from one invertible net."""
   del workdir

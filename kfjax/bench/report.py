@@ -137,9 +137,13 @@ def markdown(rows, title, command=None):
     parts += ["```", command, "```", ""]
   if rows:
     devices = sorted({r["device"] for r in rows})
-    presets = sorted({f"{r['preset']} ({r['config']})" for r in rows})
-    parts += [f"Device: {', '.join(devices)}. Preset (config fingerprint): {', '.join(presets)}.",
-              ""]
+    presets = sorted({r["preset"] for r in rows})
+    fps = {}
+    for r in rows:       # each method's rows carry the fingerprint of the blocks it reads
+      fps.setdefault(r["method"], set()).add(r["config"])
+    per_method = "; ".join(f"{m} {', '.join(sorted(f))}" for m, f in sorted(fps.items()))
+    parts += [f"Device: {', '.join(devices)}. Preset: {', '.join(presets)}. Config "
+              f"fingerprints: {per_method}.", ""]
   overall = [dict(r, all="all") for r in rows]
   parts += ["## Means per scale and degradation", "", summary_table(rows), "",
             "## Means per scale", "", summary_table(overall, ("scale",)), ""]

@@ -11,7 +11,9 @@ Layout of ``workdir``::
     report.md, figures/      written by :mod:`kfjax.bench.report`
 
 A row is keyed by (case, method, config fingerprint): re-running skips rows that finished
-(``ok`` or ``n/a``), retries failed ones, and computes rows for a changed config anew.
+(``ok`` or ``n/a``), retries failed ones, and computes rows for a changed config anew. The
+fingerprint is of the part of the config the method reads (:func:`methods.fingerprint_of`):
+a changed DDM4IP setting re-runs the ``ddm4ip`` rows, not KernelFusion's.
 ``seeds`` repeats every row with ``cfg.seed`` set to each seed (the seed is part of the
 fingerprint, and is recorded in its own column), so a method's spread over seeds can be
 reported beside its mean.
@@ -89,7 +91,7 @@ def method_dir(method, seed=None):
 def run_one(spec, method, cfg, workdir, border, out_name=None):
   """Run ``method`` on case ``spec``; returns the row (never raises, except on Ctrl-C)."""
   row = {"case": spec.name, "photo": spec.photo, "family": spec.family, "scale": spec.scale,
-         "method": method, "preset": cfg.name, "config": methods_lib.fingerprint_of(cfg),
+         "method": method, "preset": cfg.name, "config": methods_lib.fingerprint_of(cfg, method),
          "device": pipeline.device_description(),
          "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
          "error": "", "seed": int(cfg.seed)}
@@ -130,14 +132,15 @@ def run(specs, method_names, cfg, workdir, border=8, show_progress=True, log=pri
   base = seeds[0]               # its outputs go to runs/<case>/<method>/ (the figures')
   cfgs = {s: cfg if s == int(cfg.seed) else methods_lib.with_overrides(cfg, {"seed": s})
           for s in seeds}
-  fps = {s: methods_lib.fingerprint_of(c) for s, c in cfgs.items()}
+  fps = {(s, m): methods_lib.fingerprint_of(c, m) for s, c in cfgs.items()
+         for m in method_names}
   todo = [(sd, s, m) for sd in seeds for s in specs for m in method_names]
   index = {row_key(r): i for i, r in enumerate(rows)}
   bar = tqdm.tqdm(total=len(todo), desc="bench", unit="run", disable=not show_progress,
                   dynamic_ncols=True)
   mine = []
   for seed, spec, m in todo:
-    key = (spec.name, m, fps[seed])
+    key = (spec.name, m, fps[(seed, m)])
     if key in index and rows[index[key]]["status"] in DONE:
       if not rows[index[key]].get("seed"):   # a row written before the seed column
         rows[index[key]]["seed"] = str(seed)
