@@ -55,11 +55,22 @@ def compile_cache_dir(flag_value):
   return os.path.join(base, "kfjax", "jax")
 
 
+def cache_max_bytes(environ=os.environ):
+  """The cache's size cap: ``$JAX_COMPILATION_CACHE_MAX_SIZE`` (JAX's own variable, bytes;
+  -1: no cap) if set, else :data:`CACHE_MAX_BYTES`. A capped cache lists and stats every
+  entry on each write to find what to evict, which grows slow with many small entries."""
+  raw = environ.get("JAX_COMPILATION_CACHE_MAX_SIZE", "").strip()
+  try:
+    return int(raw) if raw else CACHE_MAX_BYTES
+  except ValueError:
+    return CACHE_MAX_BYTES
+
+
 def use_compile_cache(path):
-  """Point JAX's persistent compilation cache at ``path`` (size-capped); a folder that
-  cannot be made or written only costs the compile time, so it never stops a run. Call it
-  before the process compiles anything: JAX decides once, at the first compile, whether
-  the cache is on."""
+  """Point JAX's persistent compilation cache at ``path`` (size-capped by
+  :func:`cache_max_bytes`); a folder that cannot be made or written only costs the compile
+  time, so it never stops a run. Call it before the process compiles anything: JAX decides
+  once, at the first compile, whether the cache is on."""
   if not path:
     return None
   try:
@@ -69,7 +80,7 @@ def use_compile_cache(path):
   if not os.access(path, os.W_OK):
     return None
   jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+  jax.config.update("jax_compilation_cache_max_size", cache_max_bytes())
   return path
 
 

@@ -42,19 +42,21 @@ def pytest_configure(config):
   # Set before collection, since JAX decides at its first compile whether the cache is on.
   # The command-line tests' subprocesses share it through the environment (modules that
   # test the cache itself set their own), so no compiled program is left under ~/.cache.
+  # No size cap (-1): a capped cache lists and stats every entry on each write to find what
+  # to evict, quadratic in the thousands of small programs a session writes. Every process
+  # must agree: an uncapped writer leaves entries without the access-time files that a
+  # capped one's eviction reads (JAX then fails the capped process's writes, warning each
+  # time), so the subprocesses get the same settings through the environment.
   import jax
   from kfjax import runtime
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = "-1"
   config._kfjax_cache = runtime.use_compile_cache(
       tempfile.mkdtemp(prefix="kfjax-tests-jaxcache-"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
   if config._kfjax_cache:
-    # The subprocesses get the same settings, the size cap included: a process without a
-    # cap writes entries without the access-time files that a capped one's eviction reads
-    # (JAX then fails to write the capped process's entries, warning each time).
     os.environ.update({
         "JAX_COMPILATION_CACHE_DIR": config._kfjax_cache,
-        "JAX_COMPILATION_CACHE_MAX_SIZE": str(runtime.CACHE_MAX_BYTES),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"})
 

@@ -103,6 +103,11 @@ def test_compile_cache_is_filled_then_reused(blind_run, lr_png, private_compile_
   blocker = tmp_path / "file"
   blocker.write_text("")
   assert runtime.use_compile_cache(str(blocker / "cache")) is None
+  # The size cap: JAX's own variable when set (-1: none), else kfjax's.
+  assert runtime.cache_max_bytes({}) == runtime.CACHE_MAX_BYTES == 2 * 2 ** 30
+  assert runtime.cache_max_bytes({"JAX_COMPILATION_CACHE_MAX_SIZE": "-1"}) == -1
+  assert runtime.cache_max_bytes({"JAX_COMPILATION_CACHE_MAX_SIZE": " 1000 "}) == 1000
+  assert runtime.cache_max_bytes({"JAX_COMPILATION_CACHE_MAX_SIZE": "lots"}) == runtime.CACHE_MAX_BYTES
 
 
 def test_rerun_restores_pd_and_nonblind_uses_given_kernel(blind_run, lr_png):
