@@ -100,7 +100,7 @@ def get_config():
   dd.threshold = 0.2
   dd.blend = 0.5
   # A kernel spread wider than 2 × the scale (RMS radius; the suites' true kernels stay
-  # within 1.2 ×) becomes the generic Gaussian. It never acted on the 39 x2 kernels measured;
+  # within 1.2 ×) becomes the generic Gaussian. It never acted on the 48 x2 kernels measured;
   # at x4 it catches coffee x L-shape's composed kernel (11 px against a limit of 8), which
   # lifts `mini` x4 from -0.13 to +1.00 dB over bicubic (three seeds) and `photos3x3` x4 from
   # -0.08 to +0.32 (seed 0) (BENCHMARKS.md, "DDM4IP and IKE").
