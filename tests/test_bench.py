@@ -1,6 +1,7 @@
 """The evaluation harness: suites, the runner (resume, failures), the report, the CLI."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -308,6 +309,9 @@ def test_kernelfusion_and_nonblind_share_phase1(smoke_cfg, tmp_path):
   assert float(rows[2]["seconds"]) > t_kf
   assert rows[2]["kernel_ncc"] == rows[0]["kernel_ncc"]
   assert float(rows[0]["kernel_width"]) > 0
+  with open(os.path.join(case_dir, "kernelfusion", "info.json")) as f:
+    kept = json.load(f)
+  assert kept["seconds"] == pytest.approx(t_kf, rel=1e-5) and kept["info"]["seconds_phase1"] > 0
   # The classical solver with the true kernel beats bicubic on this Gaussian-blur case.
   assert float(rows[3]["psnr"]) > float(rows[4]["psnr"]) + 1.0
   assert rows[3]["kernel_ncc"] == "nan"

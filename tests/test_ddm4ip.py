@@ -372,6 +372,12 @@ def test_bench_keeps_the_kernel_before_post_processing(trained, monkeypatch, tmp
   run_dir = os.path.join(str(tmp_path), "runs", spec.name, "ddm4ip")
   raw = np.load(os.path.join(run_dir, "kernel_raw.npy"))
   np.testing.assert_allclose(raw, kernel_net.export_kernel(trained["raw"]), atol=1e-7)
+  # What the row cannot hold is kept beside it: whether the matching or the guard fell back.
+  with open(os.path.join(run_dir, "info.json")) as f:
+    kept = json.load(f)
+  assert kept["config"] == row["config"] and kept["seed"] == cfg.seed
+  assert kept["info"]["fallback"] is None and kept["info"]["spread_fallback"] is None
+  assert kept["info"]["seconds_ddm4ip"] > 0
   ref = np.asarray(raw, np.float64)
   ref = np.where(ref >= 0.4 * ref.max(), ref, 0.0)
   ref /= ref.sum()

@@ -4,8 +4,10 @@ Layout of ``workdir``::
 
     cases/<case>/            cached LR, HR and true kernel (:func:`suites.load_case`)
     runs/<case>/pd-<fp>/     PD trained on the case's LR image, shared by its methods
-    runs/<case>/<method>/    sr.png, kernel.npy (if any) of that method (with ``seeds``,
-                             of the first seed; the others in ``<method>-seed<N>/``)
+    runs/<case>/<method>/    sr.png, kernel.npy (if any) and info.json (the method's own
+                             record: phase seconds, DDM4IP's fallbacks, ...) of that method
+                             (with ``seeds``, of the first seed; the others in
+                             ``<method>-seed<N>/``)
     results.csv              every finished row (rewritten atomically after each row)
     errors.log               tracebacks of failed rows
     report.md, figures/      written by :mod:`kfjax.bench.report`
@@ -22,6 +24,7 @@ reported beside its mean.
 import csv
 import datetime
 import io
+import json
 import os
 import time
 import traceback
@@ -82,6 +85,14 @@ def _fmt(v):
   return f"{v:.6g}" if isinstance(v, float) else v
 
 
+def _plain(v):
+  """``json.dumps``'s fallback for what methods put in ``Result.info``: NumPy scalars and
+  arrays as numbers and lists, anything else by its text."""
+  if isinstance(v, (np.generic, np.ndarray)):
+    return v.tolist()
+  return str(v)
+
+
 def method_dir(method, seed=None):
   """Folder name of a method's outputs under ``runs/<case>/``: ``<method>``, or
   ``<method>-seed<N>`` for a seed other than a run's first."""
@@ -107,6 +118,9 @@ def run_one(spec, method, cfg, workdir, border, out_name=None):
     if result.kernel is not None:
       kio.save_array_atomic(os.path.join(out_dir, "kernel.npy"),
                             np.asarray(result.kernel, np.float32))
+    kio.save_text_atomic(os.path.join(out_dir, "info.json"), json.dumps(
+        {"config": row["config"], "seed": row["seed"], "seconds": result.seconds,
+         "info": result.info}, default=_plain, indent=1))
     row.update({k: _fmt(v) for k, v in score(case, result, border).items()})
     row.update(status="ok", seconds=_fmt(result.seconds if result.seconds is not None else wall))
   except methods_lib.NotApplicable as e:
