@@ -38,6 +38,7 @@ def get_config():
   kg = cfg.kernelgan                 # --method kernelgan: tiny nets, 4 iterations
   kg.iterations = 4
   kg.steps_per_chunk = 2
+  kg.checkpoint_every = 2            # (a checkpoint after every chunk)
   kg.g_sizes = (3, 3, 1, 1)
   kg.g_channels = 4
   kg.d_channels = 4
@@ -58,6 +59,7 @@ def get_config():
   dd.match_batch = 2
   dd.g_channels = 4
   dd.steps_per_chunk = 2
+  dd.checkpoint_every = 2
   ik = cfg.ike                       # --method ike: tiny nets, a few iterations
   ik.iterations = 4
   ik.couplings = 2
@@ -70,4 +72,5 @@ def get_config():
   ik.crop = 16
   ik.energy_size = 3
   ik.steps_per_chunk = 2
+  ik.checkpoint_every = 2
   return cfg

@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from kfjax import io as kio
+from kfjax import loop
 
 FORMAT = "local-npy-1"
 
@@ -225,3 +226,22 @@ class PhaseCheckpoint:
       self._mngr.wait_until_finished()
       self._mngr.close()
       self._mngr = None
+
+
+def discarding_saver(workdir, name, fp, label):
+  """``PhaseCheckpoint(workdir, name, fp)``; one made with other settings (or for another
+  image) is discarded with a line saying so: for stages that take minutes and whose settings
+  are tuned often (Phase 2, the kernel estimators), unlike Phase 1's PD."""
+  saver = PhaseCheckpoint(workdir, name, fp)
+  if saver.stored_fingerprint() not in (None, fp):
+    loop.log(f"discarding a {label} checkpoint made with other settings in {workdir}")
+    saver.reset()
+  return saver
+
+
+def block_fingerprint(image, block, *parts, skip=()):
+  """Fingerprint of an estimator's run: the input image, its config ``block`` without the
+  fields in ``skip`` (those that only shape what happens after training, or when it is
+  saved), and ``parts`` (seed, scale, ...)."""
+  fields = {k: v for k, v in block.to_dict().items() if k not in skip}
+  return fingerprint(np.asarray(image), fields, *parts)

@@ -137,6 +137,7 @@ def base_config():
       lambda_update_freq=200,
       kernel_size=0,        # G's kernel grid at ×2; 0: its receptive field rounded up to even
       steps_per_chunk=100,  # iterations per dispatch (lax.scan)
+      checkpoint_every=500, # iterations between checkpoints in the command line's workdir
   ))
 
   # DDM4IP (seed 003, §4.4 / B.4) as a kernel estimator (``--method ddm4ip``); defaults
@@ -163,6 +164,7 @@ def base_config():
       weighting="score",    # IKL gradient: score difference (t/(1-t)·Δv) or "velocity" (Δv)
       t_max=0.95,           # IKL's times drawn from U[0, t_max] (t/(1-t) diverges at 1)
       steps_per_chunk=100,
+      checkpoint_every=500, # steps (of each stage) between checkpoints in the workdir
       # kfjax options, off in the paper's setting (BENCHMARKS.md, "DDM4IP and IKE"):
       threshold=0.0,        # its kernel's post-processing, as kernel.threshold / blend do
       blend=0.0,            # for KernelFusion's (the same functions and blend_sigma)
@@ -195,6 +197,7 @@ def base_config():
       crop=64,              # LR crop per iteration (multiple of s²)
       kernel_size=0,        # impulse-response kernel's grid; 0: 6 x scale
       steps_per_chunk=100,
+      checkpoint_every=500, # iterations between checkpoints in the workdir
   ))
   return cfg
 

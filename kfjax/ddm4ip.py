@@ -61,6 +61,7 @@ import numpy as np
 import optax
 import tqdm
 
+from kfjax import checkpoint as ckpt
 from kfjax import kernelgan
 from kfjax import loop
 from kfjax import runtime
@@ -80,8 +81,9 @@ def checks(d):
   """``(ok, message)`` pairs for ``cfg.ddm4ip`` (``pipeline.validate_config``)."""
   return [
       (d.flow_steps >= 1 and d.match_steps >= 1 and d.steps_per_chunk >= 1
-       and d.flow_batch >= 1 and d.match_batch >= 1,
-       "ddm4ip.flow_steps, match_steps, steps_per_chunk and batch sizes must be >= 1"),
+       and d.checkpoint_every >= 1 and d.flow_batch >= 1 and d.match_batch >= 1,
+       "ddm4ip.flow_steps, match_steps, steps_per_chunk, checkpoint_every and batch sizes "
+       "must be >= 1"),
       (d.patch >= 4 and d.levels >= 1 and d.patch % 2 ** (d.levels - 1) == 0,
        f"ddm4ip.patch must be >= 4 and a multiple of 2^(levels-1), got {d.patch}"),
       (d.channels >= 1 and d.emb_dim >= 2 and d.g_channels >= 1 and len(d.g_sizes) >= 1
@@ -324,14 +326,34 @@ class DDM4IP:
     return chunk
 
 
-def train(cfg, lr_image, scale_g, show_progress=True):
+# What happens to the kernel after training (finish_kernel) or when it is saved: a change
+# of these keeps the trained state of a checkpoint.
+_NOT_TRAINING = ("threshold", "blend", "max_radius", "checkpoint_every")
+
+
+def savers(cfg, lr_image, scale_g, workdir):
+  """DDM4IP's two checkpoints in ``workdir`` (step 1's flow, step 2's matching), or
+  ``(None, None)`` without one; tied to the image, ``cfg.ddm4ip`` (but
+  :data:`_NOT_TRAINING`), the seed and the scale it trains at."""
+  if not workdir:
+    return None, None
+  fp = lambda stage: ckpt.block_fingerprint(
+      np.asarray(lr_image, np.float32), cfg.ddm4ip, int(cfg.seed), int(scale_g), stage,
+      skip=_NOT_TRAINING)
+  return tuple(ckpt.discarding_saver(workdir, f"ddm4ip-{stage}", fp(stage), f"DDM4IP {stage}")
+               for stage in ("flow", "match"))
+
+
+def train(cfg, lr_image, scale_g, show_progress=True, workdir=None):
   """Steps 1 and 2 on ``lr_image`` (h, w, C) in [0, 1] at ×``scale_g``.
 
   Returns ``(raw explicit kernel (K, K) as NumPy, info, (model, flow state, match state))``.
   The kernel is the last matching step's, unless the matching diverged (its kernel not
   :func:`healthy`): then it is the kernel at the end of the last chunk whose kernel was, or
   the starting one, with a warning and ``info["fallback"]`` (the step it is from and the
-  final sum), so that a run that went wrong late still gives a usable kernel.
+  final sum), so that a run that went wrong late still gives a usable kernel. With
+  ``workdir`` both steps checkpoint there (``ddm4ip.checkpoint_every``; the kernel kept for
+  that fallback with step 2's state) and resume from it.
   """
   dc = cfg.ddm4ip
   img = jnp.asarray(np.asarray(lr_image, np.float32) * 2.0 - 1.0)
@@ -343,6 +365,8 @@ def train(cfg, lr_image, scale_g, show_progress=True):
     return tqdm.tqdm(total=total, desc=desc, unit="it", disable=not show_progress,
                      dynamic_ncols=True)
 
+  flow_saver, match_saver = savers(cfg, lr_image, scale_g, workdir)
+  every = int(dc.checkpoint_every)
   total = int(dc.flow_steps)
   n = loop.chunk_size(total, int(dc.steps_per_chunk))
   flow_chunk = model.make_flow_chunk(n)
@@ -351,10 +375,15 @@ def train(cfg, lr_image, scale_g, show_progress=True):
 
   def report_flow(losses, at):
     return {"loss": f"{loop.finite(losses[-1], 'DDM4IP flow-matching loss', f'step {at}'):.4f}"}
-  flow, losses = loop.run_chunks(lambda s: flow_chunk(s, img, keys[1]), flow, done=0,
-                                 total=total, length=n, bar=b, report=report_flow)
-  b.close()
-  info["flow"] = {"steps": total, "final_loss": float(losses[-1])}
+  try:
+    flow, final, restored = loop.run_resumable(
+        lambda s: flow_chunk(s, img, keys[1]), flow, flow_saver, total=total, length=n,
+        every=every, bar=b, report=report_flow, label="DDM4IP flow matching",
+        summarise=lambda losses: {"final_loss": float(losses[-1])},
+        show_progress=show_progress)
+  finally:
+    b.close()
+  info["flow"] = {"steps": total, "restored_step": restored, **(final or {})}
 
   total = int(dc.match_steps)
   n = loop.chunk_size(total, int(dc.steps_per_chunk))
@@ -363,27 +392,36 @@ def train(cfg, lr_image, scale_g, show_progress=True):
   kernel = runtime.jit(model.kernel)
   start = np.asarray(kernel(match.g_params))
   tol = None if model.normalise else SUM_TOLERANCE
-  kept = {"step": 0, "raw": start} if healthy(start, tol) else None
+  # The last healthy kernel (step -1: none yet), saved with step 2's state.
+  kept = {"step": np.int32(0 if healthy(start, tol) else -1), "raw": start}
 
   def keep(state, done, stop):
-    del stop  # nothing to save: DDM4IP does not checkpoint
-    nonlocal kept
+    del stop  # (the checkpoint, kept included, is run_resumable's)
     raw = np.asarray(kernel(state.g_params))
     if healthy(raw, tol):
-      kept = {"step": done, "raw": raw}
+      kept.update(step=np.int32(done), raw=raw)
+
+  def put(got):
+    kept.update(step=np.int32(got["step"]), raw=np.asarray(got["raw"], np.float32))
   b = bar(total, "DDM4IP match")
 
   def report_match(m, at):
     a = loop.finite(m.aux_loss[-1], "DDM4IP auxiliary flow loss", f"step {at}")
     return {"aux": f"{a:.4f}", "mismatch": f"{float(m.mismatch[-1]):.2e}"}
-  match, metrics = loop.run_chunks(lambda s: match_chunk(s, flow.ema, img, keys[3]), match,
-                                   done=0, total=total, length=n, bar=b, report=report_match,
-                                   after=keep)
-  b.close()
-  info["match"] = {"steps": total,
-                   "final": {f: float(getattr(metrics, f)[-1]) for f in MatchMetrics._fields}}
+  try:
+    match, final, restored = loop.run_resumable(
+        lambda s: match_chunk(s, flow.ema, img, keys[3]), match, match_saver, total=total,
+        length=n, every=every, bar=b, report=report_match, after=keep,
+        extra=(lambda: dict(kept), put), label="DDM4IP distribution matching",
+        summarise=lambda m: {f: float(getattr(m, f)[-1]) for f in MatchMetrics._fields},
+        show_progress=show_progress)
+  finally:
+    b.close()
+  info["match"] = {"steps": total, "restored_step": restored}
+  if final is not None:
+    info["match"]["final"] = final
   raw = np.asarray(kernel(match.g_params))
-  if not healthy(raw, tol) and kept is not None:
+  if not healthy(raw, tol) and kept["step"] >= 0:
     info["fallback"] = {"step": int(kept["step"]), "final_sum": float(np.sum(raw))}
     warnings.warn(f"DDM4IP's matching diverged (kernel sum {float(np.sum(raw)):.3g} after "
                   f"{total} steps); using its kernel of step {kept['step']}, the last with a "
@@ -392,20 +430,20 @@ def train(cfg, lr_image, scale_g, show_progress=True):
   return raw, info, (model, flow, match)
 
 
-def estimate_kernel(lr_image, scale, cfg, show_progress=True, finish=True):
+def estimate_kernel(lr_image, scale, cfg, show_progress=True, finish=True, workdir=None):
   """DDM4IP's estimate of the HR → LR kernel of ``lr_image`` ((h, w, C) in [0, 1]).
 
   Returns ``(kernel, info)``: ``kernel`` float32 (K, K), non-negative, sum 1 (``3K − 2``
   at ×4), after :func:`finish_kernel`; ``info`` has the seconds, steps and final losses.
   ``finish=False`` returns the kernel as matched (exported, before :func:`finish_kernel`), so
   that what follows can be re-tuned without re-training (the benchmark keeps it as
-  ``kernel_raw.npy``).
+  ``kernel_raw.npy``). ``workdir``: checkpoints there, and resumes (:func:`train`).
   """
   t0 = time.time()
   scale = int(scale)
   compose = scale == 4 and cfg.ddm4ip.x4 == "compose"
   scale_g = 2 if compose else scale
-  raw, info, _ = train(cfg, lr_image, scale_g, show_progress)
+  raw, info, _ = train(cfg, lr_image, scale_g, show_progress, workdir)
   if not np.all(np.isfinite(raw)) or np.clip(raw, 0, None).sum() <= 0:
     raise KfjaxError("DDM4IP's kernel has no positive mass (training diverged)")
   k = kernel_net.export_kernel(raw)

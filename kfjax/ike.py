@@ -35,6 +35,7 @@ import numpy as np
 import optax
 import tqdm
 
+from kfjax import checkpoint as ckpt
 from kfjax import kernelgan
 from kfjax import loop
 from kfjax import ops
@@ -50,7 +51,8 @@ SCALES = (2, 4)
 def checks(c):
   """``(ok, message)`` pairs for ``cfg.ike`` (``pipeline.validate_config``)."""
   return [
-      (c.iterations >= 1 and c.steps_per_chunk >= 1, "ike.iterations and steps_per_chunk must be >= 1"),
+      (c.iterations >= 1 and c.steps_per_chunk >= 1 and c.checkpoint_every >= 1,
+       "ike.iterations, steps_per_chunk and checkpoint_every must be >= 1"),
       (c.couplings >= 1 and c.hidden >= 1 and c.u_layers >= 1 and c.u_channels >= 1
        and c.d_channels >= 1 and c.d_depth >= 2 and c.d_kernel >= 1 and c.energy_size >= 1,
        "ike network sizes must be >= 1 (d_depth >= 2)"),
@@ -287,8 +289,10 @@ def _pad_to(y, m):
   return jnp.pad(y, ((0, (-h) % m), (0, (-w) % m), (0, 0)), mode="symmetric")
 
 
-def train(cfg, lr_image, scale, show_progress=True):
-  """IKE on ``lr_image`` (h, w, C) in [0, 1]; returns ``(model, state, info)``."""
+def train(cfg, lr_image, scale, show_progress=True, workdir=None):
+  """IKE on ``lr_image`` (h, w, C) in [0, 1]; returns ``(model, state, info)``. With
+  ``workdir`` it checkpoints there (``ike.checkpoint_every``; the state is tied to the
+  image, ``cfg.ike``, the seed and the scale) and resumes from it."""
   c = cfg.ike
   s = int(scale)
   y = _pad_to(jnp.asarray(np.asarray(lr_image, np.float32) * 2.0 - 1.0), s * s)
@@ -306,22 +310,33 @@ def train(cfg, lr_image, scale, show_progress=True):
   def report(m, at):
     e = loop.finite(m.energy[-1], "IKE energy loss", f"iteration {at}")
     return {"energy": f"{e:.4f}", "inter": f"{float(m.inter[-1]):.4f}"}
-  state, metrics = loop.run_chunks(lambda st: chunk(st, maps, rng), state, done=0, total=total,
-                                   length=n, bar=bar, report=report)
-  bar.close()
-  info = {"iterations": total, "crop": model.crop}
-  if metrics is not None:
-    info["final"] = {f: float(getattr(metrics, f)[-1]) for f in IKEMetrics._fields}
+  saver = None
+  if workdir:
+    fp = ckpt.block_fingerprint(np.asarray(lr_image, np.float32), c, int(cfg.seed), s,
+                                skip=("checkpoint_every", "kernel_size"))
+    saver = ckpt.discarding_saver(workdir, "ike", fp, "IKE")
+  try:
+    state, final, restored = loop.run_resumable(
+        lambda st: chunk(st, maps, rng), state, saver, total=total, length=n,
+        every=int(c.checkpoint_every), bar=bar, report=report, label="IKE",
+        summarise=lambda m: {f: float(getattr(m, f)[-1]) for f in IKEMetrics._fields},
+        show_progress=show_progress)
+  finally:
+    bar.close()
+  info = {"iterations": total, "crop": model.crop, "restored_step": restored}
+  if final is not None:
+    info["final"] = final
   return model, state, info
 
 
-def run(lr_image, scale, cfg, show_progress=True):
-  """IKE end to end: ``(SR image (s·h, s·w, C) in [0, 1], kernel (K, K), info)``."""
+def run(lr_image, scale, cfg, show_progress=True, workdir=None):
+  """IKE end to end: ``(SR image (s·h, s·w, C) in [0, 1], kernel (K, K), info)``;
+  ``workdir``: checkpoints there, and resumes (:func:`train`)."""
   t0 = time.time()
   s = int(scale)
   img = np.asarray(lr_image, np.float32)
   h, w, _ = img.shape
-  model, state, info = train(cfg, img, s, show_progress)
+  model, state, info = train(cfg, img, s, show_progress, workdir)
   y = _pad_to(jnp.asarray(img * 2.0 - 1.0), s * s)
   sr = runtime.jit(model.super_resolve)(state.net, y)
   sr = np.clip((np.asarray(sr)[:s * h, :s * w] + 1.0) / 2.0, 0.0, 1.0)

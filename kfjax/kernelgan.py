@@ -53,6 +53,7 @@ import numpy as np
 import optax
 import tqdm
 
+from kfjax import checkpoint as ckpt
 from kfjax import loop
 from kfjax import ops
 from kfjax import resize
@@ -66,8 +67,9 @@ from kfjax.models import kernel_net
 def checks(g):
   """``(ok, message)`` pairs for ``cfg.kernelgan`` (``pipeline.validate_config``)."""
   return [
-      (g.iterations >= 1 and g.steps_per_chunk >= 1 and g.batch_size >= 1,
-       "kernelgan.iterations, steps_per_chunk and batch_size must be >= 1"),
+      (g.iterations >= 1 and g.steps_per_chunk >= 1 and g.batch_size >= 1
+       and g.checkpoint_every >= 1,
+       "kernelgan.iterations, steps_per_chunk, checkpoint_every and batch_size must be >= 1"),
       (g.crop_size >= 4 and g.d_depth >= 2 and g.d_kernel >= 1 and g.g_channels >= 1
        and g.d_channels >= 1 and len(g.g_sizes) >= 1 and all(int(x) >= 1 for x in g.g_sizes),
        "kernelgan.crop_size >= 4, d_depth >= 2, and sizes/channels >= 1 are required"),
@@ -312,8 +314,19 @@ class KernelGAN:
     return chunk
 
 
-def train(cfg, lr_image, scale_g, show_progress=True):
-  """Train KernelGAN on ``lr_image`` (h, w, C) in [0, 1] at ×``scale_g``.
+def saver(cfg, lr_image, scale_g, workdir):
+  """KernelGAN's checkpoint in ``workdir`` (``None`` without one): its state, tied to the
+  image, ``cfg.kernelgan``, the seed and the scale it trains at."""
+  if not workdir:
+    return None
+  fp = ckpt.block_fingerprint(np.asarray(lr_image, np.float32), cfg.kernelgan, int(cfg.seed),
+                              int(scale_g), skip=("checkpoint_every",))
+  return ckpt.discarding_saver(workdir, "kernelgan", fp, "KernelGAN")
+
+
+def train(cfg, lr_image, scale_g, show_progress=True, workdir=None):
+  """Train KernelGAN on ``lr_image`` (h, w, C) in [0, 1] at ×``scale_g``; with ``workdir``
+  it checkpoints there (``kernelgan.checkpoint_every``) and resumes from it.
 
   Returns ``(raw explicit kernel (K, K) as NumPy, info, (model, chunk))``.
   """
@@ -334,27 +347,33 @@ def train(cfg, lr_image, scale_g, show_progress=True):
   def report(m, at):
     g = loop.finite(m.g_loss[-1], "KernelGAN generator loss", f"iteration {at}")
     return {"g": f"{g:.4f}", "d": f"{float(m.d_loss[-1]):.4f}"}
-  state, metrics = loop.run_chunks(lambda s: chunk(s, img, pg, pd, gw_g, gw_d, rng), state,
-                                   done=0, total=total, length=n, bar=bar, report=report)
-  bar.close()
+  try:
+    state, final, restored = loop.run_resumable(
+        lambda s: chunk(s, img, pg, pd, gw_g, gw_d, rng), state,
+        saver(cfg, lr_image, scale_g, workdir), total=total, length=n,
+        every=int(kc.checkpoint_every), bar=bar, report=report, label="KernelGAN",
+        summarise=lambda m: {f: float(getattr(m, f)[-1]) for f in KGMetrics._fields},
+        show_progress=show_progress)
+  finally:
+    bar.close()
   info = {"iterations": total, "scale_trained": int(scale_g), "crop_g": model.crop_g,
-          "crop_d": model.crop_d}
-  if metrics is not None:
-    info["final"] = {f: float(getattr(metrics, f)[-1]) for f in KGMetrics._fields}
+          "crop_d": model.crop_d, "restored_step": restored}
+  if final is not None:
+    info["final"] = final
   return np.asarray(runtime.jit(model.kernel)(state.g_params)), info, (model, chunk, state)
 
 
-def estimate_kernel(lr_image, scale, cfg, show_progress=True):
+def estimate_kernel(lr_image, scale, cfg, show_progress=True, workdir=None):
   """KernelGAN's estimate of the HR → LR kernel of ``lr_image`` ((h, w, C) in [0, 1]).
 
   Returns ``(kernel, info)``: ``kernel`` float32 (K, K), non-negative, sum 1 (K is G's
   kernel size at ×2, ``3K − 2`` at ×4); ``info`` has the seconds, iterations and final
-  losses.
+  losses. ``workdir``: checkpoints there, and resumes (:func:`train`).
   """
   t0 = time.time()
   scale = int(scale)
   scale_g = 2 if scale == 4 else scale
-  raw, info, _ = train(cfg, lr_image, scale_g, show_progress)
+  raw, info, _ = train(cfg, lr_image, scale_g, show_progress, workdir)
   k = kernel_net.export_kernel(raw)
   if scale == 4:
     k = kernel_net.export_kernel(compose_x2(k))

@@ -1,9 +1,10 @@
-"""The host loop shared by Phase 1, Phase 2 and KernelGAN.
+"""The host loop shared by Phase 1, Phase 2 and the kernel estimators.
 
 Each of them compiles one ``chunk`` program (a ``lax.scan`` over a fixed number of steps)
 and calls it until its work is done; between calls the host checks the losses, moves the
 progress bar and maybe writes a checkpoint. Only the chunk and those three callbacks
-differ, so the loop itself lives here once.
+differ, so the loop itself lives here once; :func:`run_resumable` adds the checkpoint
+policy the estimators (KernelGAN, DDM4IP, IKE) share.
 """
 
 import threading
@@ -83,3 +84,60 @@ def finite(value, what, where):
   if not np.all(np.isfinite(a)):
     raise FloatingPointError(f"{what} is {a if a.ndim else float(a)} at {where}")
   return float(a.mean())
+
+
+def run_resumable(chunk, state, saver, *, total, length, every, bar, report, summarise,
+                  label, after=None, extra=None, show_progress=True):
+  """:func:`run_chunks` for a stage whose state ``saver`` keeps (a
+  :class:`kfjax.checkpoint.PhaseCheckpoint`; ``None``: no checkpoints).
+
+  The state is restored from the saver's latest step (it must count steps as the loop does,
+  in whole chunks of ``length``: the chunks fold the step into their random keys, so a
+  resumed run draws what an uninterrupted one would), and saved when the step passes a
+  multiple of ``every``, at the end, and on a stop. ``summarise(out)`` turns the last
+  chunk's output into a JSON-able dict (final losses), kept beside the checkpoint so that a
+  stage restored finished reports it too. ``extra``: ``(get, put)``, a pytree of host
+  arrays the caller keeps outside the state (``get()`` is saved with it, ``put`` receives
+  it on restore). Returns ``(state, final, restored_step)`` (``final`` is None for a stage
+  restored finished from a checkpoint that lacks it; ``restored_step`` None on a fresh
+  start).
+  """
+  def pack(st):
+    return {"state": st, "extra": extra[0]()} if extra else {"state": st}
+  restored = None
+  step = saver.latest_step() if saver is not None else None
+  if step is not None:
+    got = saver.restore(step, pack(state))
+    state = got["state"]
+    if extra:
+      extra[1](got["extra"])
+    restored = int(step)
+    if show_progress:
+      log(f"resuming {label} from step {restored}/{total}")
+  done = restored or 0
+  bar.update(done)
+  every, saved, last = max(int(every), length), [done], {}
+
+  def tracked(st):
+    st, out = chunk(st)
+    last["out"] = out
+    return st, out
+
+  def after_chunk(st, at, stop):
+    if after is not None:
+      after(st, at, stop)
+    if at >= total:  # (kept with the last checkpoint, also when a stop comes with it)
+      last["final"] = summarise(last["out"])
+    if saver is not None and (at // every > saved[0] // every or at >= total or stop):
+      saver.save(at, pack(st))
+      saved[0] = at
+      if at >= total:
+        saver.save_extra(final=last["final"])
+  try:
+    state, _ = run_chunks(tracked, state, done=done, total=total, length=length, bar=bar,
+                          report=report, after=after_chunk)
+  finally:  # (also on a stop: the last save must be complete before the process ends)
+    if saver is not None:
+      saver.close()
+  final = last.get("final", saver.extra("final") if saver is not None else None)
+  return state, final, restored

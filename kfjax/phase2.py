@@ -452,11 +452,7 @@ def sample_keys(seed, num_samples):
 def _saver(workdir, name, fp):
   """Phase 2's checkpoint ``name`` in ``workdir``; one made with other settings is
   discarded (Phase 2 is cheap to redo, and its settings are tuned more often)."""
-  saver = ckpt.PhaseCheckpoint(workdir, name, fp)
-  if saver.stored_fingerprint() not in (None, fp):
-    loop.log(f"discarding a phase 2 checkpoint made with other settings in {workdir}")
-    saver.reset()
-  return saver
+  return ckpt.discarding_saver(workdir, name, fp, "phase 2")
 
 
 def _report(m, at):

@@ -138,12 +138,12 @@ def prepare(image_path, cfg, workdir, kernel_path=None, show_progress=True,
   est_info = None
   if method == "kernelgan":
     log(f"estimating the kernel with KernelGAN ({cfg.kernelgan.iterations} iterations)")
-    fixed, est_info = kernelgan.estimate_kernel(img, scale, cfg, show_progress)
+    fixed, est_info = kernelgan.estimate_kernel(img, scale, cfg, show_progress, workdir)
   elif method == "ddm4ip":
     dc = cfg.ddm4ip
     log(f"estimating the kernel with DDM4IP ({dc.flow_steps} flow-matching steps, "
         f"{dc.match_steps} distribution-matching steps)")
-    fixed, est_info = ddm4ip.estimate_kernel(img, scale, cfg, show_progress)
+    fixed, est_info = ddm4ip.estimate_kernel(img, scale, cfg, show_progress, workdir=workdir)
   return Prepared(image_path, workdir, img, info, img * 2.0 - 1.0, fixed, est_info, started)
 
 
@@ -210,7 +210,7 @@ def run(image_path, cfg, workdir, kernel_path=None, show_progress=True, method="
   t0 = time.time()
   if method == "ike":
     log(f"IKE ({cfg.ike.iterations} iterations)")
-    sr, k, info = ike.run(prep.image, int(cfg.scale), cfg, show_progress)
+    sr, k, info = ike.run(prep.image, int(cfg.scale), cfg, show_progress, workdir)
     p1 = {**phase1.skipped_info("method ike"), "seconds": 0.0}
     p2 = {"mode": "ike", "seconds": round(time.time() - t0, 2)}
     return write_outputs(prep._replace(estimator=info), cfg, sr * 2.0 - 1.0, k, p1, p2, method)

@@ -431,6 +431,23 @@ def test_fingerprint_leaves_later_ddm4ip_options_out_while_off(field, on):
   assert methods.fingerprint_of(cfg) != before
 
 
+@pytest.mark.parametrize("method", ["kernelgan", "ddm4ip", "ike"])
+def test_fingerprint_never_holds_when_the_estimators_checkpoint(method):
+  """``checkpoint_every`` changes no result: rows keep their fingerprint whatever it is (and
+  those written before it existed too)."""
+  import ml_collections
+  from kfjax import config as config_lib
+  cfg = config_lib.preset("cpu")
+  before = methods.fingerprint_of(cfg, method)
+  legacy = cfg.to_dict()
+  del legacy[method]["checkpoint_every"]
+  assert methods.fingerprint_of(ml_collections.ConfigDict(legacy), method) == before
+  cfg[method].checkpoint_every = 7
+  assert methods.fingerprint_of(cfg, method) == before
+  cfg[method].steps_per_chunk = 7    # (a field the fingerprint does hold)
+  assert methods.fingerprint_of(cfg, method) != before
+
+
 def test_report_splits_the_gap_on_paired_rows():
   def row(case, method, value, seed="0"):
     return {"case": case, "method": method, "scale": "2", "status": "ok", "seed": seed,

@@ -494,6 +494,15 @@ def test_cli_method_ddm4ip_end_to_end(tmp_path, lr_image):
   # The SR image is the TV restoration with that kernel: consistent with the LR image.
   back = degrade.downscale_np(sr.astype(np.float64), k.astype(np.float64), 2)
   assert np.mean(np.abs(back - lr_image)) < 0.02
+  # The same command with another post-processing restores the trained state from the
+  # workdir's checkpoints (no training) and only finishes the kernel differently.
+  res = _cli("--image", path, "--config", "smoke", "--method", "ddm4ip", "--workdir", out,
+             "--quiet", "--config.ddm4ip.threshold=0.6")
+  assert res.returncode == 0, res.stderr[-3000:]
+  again = json.load(open(os.path.join(out, "summary.json")))
+  assert again["ddm4ip"]["flow"]["restored_step"] == again["ddm4ip"]["match"]["restored_step"] == 4
+  assert again["ddm4ip"]["raw_sum"] == summary["ddm4ip"]["raw_sum"]
+  assert np.count_nonzero(np.load(os.path.join(out, "kernel.npy"))) < np.count_nonzero(k)
   res = _cli("--image", path, "--config", "smoke", "--method", "ddm4ip", "--workdir", out,
              "--kernel", os.path.join(out, "kernel.npy"), "--quiet")
   assert res.returncode != 0 and "exclude each other" in res.stderr

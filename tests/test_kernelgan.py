@@ -69,7 +69,7 @@ def test_x4_kernel_is_the_x2_kernel_composed(monkeypatch, lr_image):
   k2 = np.random.default_rng(0).random((6, 6)).astype(np.float32)
   seen = {}
 
-  def fake_train(cfg, image, scale_g, show_progress=True):
+  def fake_train(cfg, image, scale_g, show_progress=True, workdir=None):
     seen["scale_g"] = scale_g
     return k2, {"iterations": 0}, None
   monkeypatch.setattr(kernelgan, "train", fake_train)

@@ -282,6 +282,9 @@ def register_variant(name, overrides, doc=None):
 _LATER_FIELDS = (("ddm4ip", "normalise", False), ("ddm4ip", "max_radius", 0.0),
                  ("ddm4ip", "threshold", 0.0), ("ddm4ip", "blend", 0.0),
                  ("ddm4ip", "x4", "compose"))
+# Fields that never change a result (when the command line checkpoints): left out always.
+_RUN_ONLY_FIELDS = (("kernelgan", "checkpoint_every"), ("ddm4ip", "checkpoint_every"),
+                    ("ike", "checkpoint_every"))
 
 
 def fingerprint_of(cfg, method=None):
@@ -291,7 +294,7 @@ def fingerprint_of(cfg, method=None):
   top-level fields and its blocks; without, of the whole config. ``precision`` enters as the
   checkpoints' :func:`kfjax.config.precision_part` (nothing at its float32 default), and the
   :data:`_LATER_FIELDS` only when on, so rows written before those fields existed keep their
-  fingerprint."""
+  fingerprint; :data:`_RUN_ONLY_FIELDS` never."""
   d = cfg.to_dict()
   if method is not None:
     get(method)
@@ -303,6 +306,9 @@ def fingerprint_of(cfg, method=None):
   for block, field, off in _LATER_FIELDS:
     if block in d and d[block].get(field) == off:
       del d[block][field]
+  for block, field in _RUN_ONLY_FIELDS:
+    if block in d:
+      d[block].pop(field, None)
   return ckpt.fingerprint(ml_collections.ConfigDict(d).to_json_best_effort(sort_keys=True),
                           *config_lib.precision_part(cfg))[:12]
 
@@ -369,7 +375,7 @@ def ddm4ip_method(case, cfg, workdir):
   sr, t_tv = _tv(case, cfg, k)
   return Result(sr=sr, kernel=k, seconds=t_dd + t_tv,
                 info={"seconds_ddm4ip": t_dd, "seconds_tv": t_tv,
-                      "mismatch": info["match"]["final"]["mismatch"],
+                      "mismatch": info["match"].get("final", {}).get("mismatch"),
                       "fallback": info.get("fallback"),
                       "spread_fallback": info.get("spread_fallback")})
 
