@@ -463,3 +463,44 @@ def test_report_splits_the_gap_on_paired_rows():
   assert "| 2 | +1.50 | +0.00 | +3.00 |" in lines["kernel's cost: tv_nonblind − tv_blind"]
   assert "| 1 | -1.00 | -1.00 | -1.00 |" in lines["blind − bicubic"]
   assert report.split_table([row("a", "bicubic", 30)]) is None
+
+
+def _row(case, method, value, seed="0", date="2026-01-01 00:00", config="c", status="ok"):
+  return {**dict.fromkeys(runner.FIELDS, ""),
+          "case": case, "method": method, "scale": "2", "status": status, "seed": seed,
+          "subpixel_psnr": str(value), "date": date, "config": config, "device": "cpu",
+          "preset": "smoke", "family": "f"}
+
+
+def test_gain_table_pairs_every_seed_with_the_case_bicubic():
+  rows = [_row("a", "bicubic", 30), _row("b", "bicubic", 20),
+          _row("a", "m", 31), _row("b", "m", 19.5),                       # seed 0: +0.25
+          _row("a", "m", 32, "1"), _row("b", "m", 21, "1"),               # seed 1: +1.50
+          _row("c", "m", 99, "1"),                      # no bicubic row for c: not paired
+          _row("a", "m", 50, "2", status="error")]      # failed: left out
+  (line,) = report.gain_table(rows).splitlines()[2:]
+  cells = [c.strip() for c in line.split("|")[1:-1]]
+  sd = np.std([0.25, 1.5], ddof=1)
+  assert cells == ["2", "m", "0, 1", "4", "+0.25, +1.50", f"+0.88 ± {sd:.2f}", "3 / 4",
+                   "-0.50", "+2.00"]
+  assert report.gain_table([_row("a", "m", 1)]) is None
+  assert "## Aligned PSNR gain over bicubic" in report.markdown(rows, "t")
+
+
+def test_report_merges_workdirs_keeping_the_latest_row_of_each_case_method_and_seed(tmp_path):
+  a, b = tmp_path / "a", tmp_path / "b"
+  for d, rows in ((a, [_row("x", "bicubic", 30), _row("x", "m", 31, date="2026-01-02 00:00"),
+                       _row("x", "m", 40, "1", status="error")]),
+                  (b, [_row("x", "m", 35, date="2026-01-01 00:00", config="old"),
+                       _row("x", "m", 32, "1", config="new")])):
+    os.makedirs(d)
+    runner.write_rows(str(d / "results.csv"), [{**r, "photo": "p", "family": "f"} for r in rows])
+  rows, left_out = report.merged_rows([str(a), str(b)])
+  assert left_out == 1
+  assert sorted((r["method"], r["seed"], r["subpixel_psnr"]) for r in rows) == [
+      ("bicubic", "0", "30"), ("m", "0", "31"), ("m", "1", "32")]
+  out = tmp_path / "out"
+  report.main(["--workdirs", f"{a},{b}", "--out", str(out)])
+  assert "| 2 | m | 0, 1 | 2 | +1.00, +2.00 |" in (out / "report.md").read_text()
+  with pytest.raises(SystemExit, match="no benchmark results"):
+    report.main(["--workdirs", str(tmp_path / "none"), "--out", str(out)])

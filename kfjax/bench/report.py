@@ -1,16 +1,23 @@
 """The benchmark report: a Markdown table of means and figures, from the rows of a run.
 
 * ``report.md``: per scale and degradation family, the mean of every metric per method
-  (and the number of cases), then an overall mean per method, then (when the rows hold more
-  than one seed) each method's mean per seed and the spread over seeds, then one line per
-  case.
+  (and the number of cases), then an overall mean per method, then each method's aligned
+  PSNR gain over bicubic per seed (paired by case, with the count of runs above bicubic),
+  then (when the rows hold more than one seed) each method's mean per seed and the spread
+  over seeds, then one line per case.
 * ``figures/kernels.png``: for every case with a true kernel, the true kernel beside each
   method's estimate (with its NCC).
 * ``figures/crops.png``: for the first few cases, the same crop of HR, LR (nearest
   upscaled) and every method's SR image (with its PSNR).
+
+``python -m kfjax.bench.report --workdirs A,B,... --out DIR`` writes one ``report.md`` for
+the rows of several benchmark workdirs together (e.g. seeds or methods run as separate
+commands), without figures.
 """
 
+import argparse
 import os
+import sys
 
 import numpy as np
 
@@ -114,6 +121,38 @@ def seed_table(rows):
   return "\n".join(lines) if len(lines) > 2 else None
 
 
+def gain_table(rows, key="subpixel_psnr", base="bicubic"):
+  """Per scale and method, the gain in ``key`` over ``base``'s row of the same case (base
+  is deterministic: any seed's row), per seed and over seeds: the mean over cases at each
+  seed, the mean ± sample sd of those, the runs above ``base`` and the worst and best run.
+  None when the rows hold no ``base``."""
+  lines = ["| scale | method | seeds | runs | gain per seed (dB) | mean ± sd over seeds | "
+           f"above {base} | worst | best |", "|---|---|---|---|---|---|---|---|---|"]
+  for scale in dict.fromkeys(r["scale"] for r in rows):
+    sel = [r for r in rows if r["scale"] == scale and r["status"] == "ok"
+           and np.isfinite(_num(r.get(key)))]
+    ref = {r["case"]: _num(r[key]) for r in sel if r["method"] == base}
+    for m in _methods(sel):
+      if m == base:
+        continue
+      gains = {}
+      for r in sel:
+        if r["method"] == m and r["case"] in ref:
+          gains.setdefault(_seed(r), []).append(_num(r[key]) - ref[r["case"]])
+      if not gains:
+        continue
+      seeds = sorted(gains, key=lambda x: (len(x), x))
+      per = [float(np.mean(gains[sd])) for sd in seeds]
+      every = [g for sd in seeds for g in gains[sd]]
+      spread = (f"{np.mean(per):+.2f} ± {np.std(per, ddof=1):.2f}" if len(per) > 1
+                else f"{per[0]:+.2f}")
+      lines.append(
+          f"| {scale} | {m} | {', '.join(sd or '–' for sd in seeds)} | {len(every)} | "
+          + ", ".join(f"{v:+.2f}" for v in per) + f" | {spread} | "
+          f"{sum(g > 0 for g in every)} / {len(every)} | {min(every):+.2f} | {max(every):+.2f} |")
+  return "\n".join(lines) if len(lines) > 2 else None
+
+
 def split_table(rows, key="subpixel_psnr"):
   """Per scale, the mean (and min, count) of each :data:`SPLIT` difference, or None."""
   lines = ["| scale | difference (aligned PSNR, dB) | pairs | mean | min | max |",
@@ -147,6 +186,9 @@ def markdown(rows, title, command=None):
   overall = [dict(r, all="all") for r in rows]
   parts += ["## Means per scale and degradation", "", summary_table(rows), "",
             "## Means per scale", "", summary_table(overall, ("scale",)), ""]
+  gains = gain_table(rows)
+  if gains:
+    parts += ["## Aligned PSNR gain over bicubic", "", gains, ""]
   split = split_table(rows)
   if split:
     parts += ["## Where the gap is", "", split, ""]
@@ -266,3 +308,51 @@ def write(rows, workdir, title="kfjax benchmark", command=None, figure_seed=None
           crops_figure(fig_rows, workdir, os.path.join(workdir, "figures", "crops.png"))]
   return [md] + [f for f in figs if f]
 
+
+
+def merged_rows(workdirs):
+  """The finished rows of every ``<workdir>/results.csv``, one per (case, method, seed): a
+  workdir keeps the rows of every config it ran, so of two for the same case, method and
+  seed the later one (by its date; on a tie, the later workdir's) is the one kept. Returns
+  ``(rows, left_out)``, the number of rows that gave way."""
+  from kfjax.bench import runner  # noqa: PLC0415 (runner imports this module's users)
+  rows, left_out = {}, 0
+  for w in workdirs:
+    path = os.path.join(w, "results.csv")
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path}: no benchmark results there")
+    for r in runner.read_rows(path):
+      if r["status"] not in runner.DONE:
+        continue
+      key = (r["case"], r["method"], _seed(r))
+      if key in rows:
+        left_out += 1
+        if rows[key]["date"] > r["date"]:
+          continue
+      rows[key] = r
+  return list(rows.values()), left_out
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(prog="kfjax.bench.report",
+                               description="One report.md for several benchmark workdirs.")
+  ap.add_argument("--workdirs", required=True, help="comma list of benchmark workdirs")
+  ap.add_argument("--out", required=True, help="folder for report.md")
+  ap.add_argument("--title", default="kfjax benchmark")
+  args = ap.parse_args(argv)
+  workdirs = [w for w in args.workdirs.split(",") if w]
+  try:
+    rows, left_out = merged_rows(workdirs)
+    os.makedirs(args.out, exist_ok=True)
+  except OSError as e:
+    sys.exit(f"kfjax.bench.report: error: {e}")
+  command = "python -m kfjax.bench.report " + " ".join(
+      f"--{k} {v}" for k, v in (("workdirs", ",".join(workdirs)), ("out", args.out)))
+  path = os.path.join(args.out, "report.md")
+  kio.save_text_atomic(path, markdown(rows, args.title, command))
+  print(f"{len(rows)} rows from {len(workdirs)} workdir(s) ({left_out} older rows of the "
+        f"same case, method and seed left out): {path}")
+
+
+if __name__ == "__main__":
+  main()
