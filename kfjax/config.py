@@ -173,6 +173,8 @@ def base_config():
                             # by the generic Gaussian (kernel.blend_sigma); 0: off
       x4="compose",         # at x4: "compose" the x2 kernel with itself (as KernelGAN), or
                             # match a x4 kernel net "direct"ly (smaller patches fit)
+      on_diverge="last_healthy",  # a diverged matching (the kernel's sum off 1 by > 0.25)
+                            # gives its last healthy chunk's kernel, or the "generic" Gaussian
   ))
 
   # IKE (seed 002) as a blind SR method (``--method ike``): kernel and SR image from one

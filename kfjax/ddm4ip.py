@@ -35,7 +35,8 @@ in distribution. Three steps:
    come from the net's explicit kernel (:meth:`kfjax.models.kernel_net.LinearCNN.downscale`:
    the same function and gradients as its layers, far cheaper). A matching that diverges
    (the kernel's sum leaves 1 ± :data:`SUM_TOLERANCE`) returns the last healthy chunk's
-   kernel (:func:`train`). kfjax option ``ddm4ip.normalise``: the fakes come from the
+   kernel (:func:`train`), or with ``ddm4ip.on_diverge = "generic"`` hands the generic
+   Gaussian to the restoration (:func:`finish_kernel`). kfjax option ``ddm4ip.normalise``: the fakes come from the
    kernel divided by its sum, so the IKL shapes the kernel and never has to fight the
    regularisers over its mass (the sum then settles near 1/2, and is not checked).
 3. **The SR image**: the found kernel, after :func:`finish_kernel` (a guard against a
@@ -75,6 +76,9 @@ X4_MODES = ("compose", "direct")
 # sum-to-one regulariser holds a converging run's sum to about ±0.1; a diverging one's falls
 # towards 0 or below (BENCHMARKS.md, "DDM4IP and IKE": coffee × anisotropic diffusion).
 SUM_TOLERANCE = 0.25
+# What a diverged matching gives the restoration: the last healthy chunk's kernel, or the
+# generic Gaussian (``ddm4ip.on_diverge``).
+ON_DIVERGE = ("last_healthy", "generic")
 
 
 def checks(d):
@@ -97,6 +101,8 @@ def checks(d):
       (d.weighting in WEIGHTINGS,
        f"ddm4ip.weighting must be one of {', '.join(WEIGHTINGS)}, got {d.weighting!r}"),
       (d.x4 in X4_MODES, f"ddm4ip.x4 must be one of {', '.join(X4_MODES)}, got {d.x4!r}"),
+      (d.on_diverge in ON_DIVERGE,
+       f"ddm4ip.on_diverge must be one of {', '.join(ON_DIVERGE)}, got {d.on_diverge!r}"),
   ]
 
 
@@ -328,7 +334,7 @@ class DDM4IP:
 
 # What happens to the kernel after training (finish_kernel) or when it is saved: a change
 # of these keeps the trained state of a checkpoint.
-_NOT_TRAINING = ("threshold", "blend", "max_radius", "checkpoint_every")
+_NOT_TRAINING = ("threshold", "blend", "max_radius", "on_diverge", "checkpoint_every")
 
 
 def savers(cfg, lr_image, scale_g, workdir):
@@ -421,7 +427,8 @@ def train(cfg, lr_image, scale_g, show_progress=True, workdir=None):
   if final is not None:
     info["match"]["final"] = final
   raw = np.asarray(kernel(match.g_params))
-  if not healthy(raw, tol) and kept["step"] >= 0:
+  info["diverged"] = not healthy(raw, tol)
+  if info["diverged"] and kept["step"] >= 0:
     info["fallback"] = {"step": int(kept["step"]), "final_sum": float(np.sum(raw))}
     warnings.warn(f"DDM4IP's matching diverged (kernel sum {float(np.sum(raw)):.3g} after "
                   f"{total} steps); using its kernel of step {kept['step']}, the last with a "
@@ -475,15 +482,25 @@ def finish_kernel(cfg, kernel, scale, info=None):
   (``ddm4ip.threshold`` / ``blend``: :func:`kfjax.models.kernel_net.post_process`, as
   ``kernel.threshold`` / ``blend`` for KernelFusion, with ``kernel.blend_sigma``).
   ``info`` (a dict) gets ``"spread_fallback"`` when the guard acts.
+
+  With ``ddm4ip.on_diverge = "generic"``, a kernel whose matching diverged (``info``'s
+  ``"diverged"``, set by :func:`train`) becomes the generic Gaussian as well (``info`` gets
+  ``"diverged_generic"``): the kernel kept from before the divergence comes from an
+  arbitrary step of a matching that found no stable answer.
   """
   dc = cfg.ddm4ip
+  generic = lambda: kernel_net.gaussian_kernel(kernel.shape[0],
+                                               float(cfg.kernel.blend_sigma) * int(scale))
+  if dc.on_diverge == "generic" and info is not None and info.get("diverged"):
+    warnings.warn("DDM4IP's matching diverged; using the generic Gaussian (ddm4ip.on_diverge)")
+    info["diverged_generic"] = True
+    return generic()
   if too_spread(kernel, float(dc.max_radius), scale):
     radius, limit = kernel_net.rms_radius(kernel), float(dc.max_radius) * int(scale)
     warnings.warn(f"DDM4IP's kernel is spread over {radius:.1f} px (RMS radius, more than "
                   f"{limit:.1f}); using the generic Gaussian instead")
     if info is not None:
       info["spread_fallback"] = {"rms_radius": round(radius, 4), "limit": limit}
-    return kernel_net.gaussian_kernel(kernel.shape[0],
-                                      float(cfg.kernel.blend_sigma) * int(scale))
+    return generic()
   return kernel_net.post_process(kernel, float(dc.threshold), float(dc.blend),
                                  float(cfg.kernel.blend_sigma) * int(scale))

@@ -416,7 +416,7 @@ def test_fingerprint_leaves_float32_precision_out():
 
 @pytest.mark.parametrize("field,on", [("normalise", True), ("max_radius", 2.0),
                                       ("threshold", 0.2), ("blend", 0.5),
-                                      ("x4", "direct")])
+                                      ("x4", "direct"), ("on_diverge", "generic")])
 def test_fingerprint_leaves_later_ddm4ip_options_out_while_off(field, on):
   import ml_collections
   from kfjax import config as config_lib

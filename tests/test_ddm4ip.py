@@ -377,6 +377,7 @@ def test_bench_keeps_the_kernel_before_post_processing(trained, monkeypatch, tmp
     kept = json.load(f)
   assert kept["config"] == row["config"] and kept["seed"] == cfg.seed
   assert kept["info"]["fallback"] is None and kept["info"]["spread_fallback"] is None
+  assert kept["info"]["diverged"] is False and kept["info"]["diverged_generic"] is False
   assert kept["info"]["seconds_ddm4ip"] > 0
   ref = np.asarray(raw, np.float64)
   ref = np.where(ref >= 0.4 * ref.max(), ref, 0.0)
@@ -419,6 +420,21 @@ def test_bench_keeps_the_kernel_before_post_processing(trained, monkeypatch, tmp
   assert pp["spread"] == "1"
   for col in ("thr0", "thr0.4", "thr0.4_b0.5"):
     assert float(pp[col]) == pytest.approx(float(pp["gauss0.35"]), abs=0.02)
+  # --on_diverge generic: a run whose info.json says its matching diverged is scored as the
+  # generic Gaussian; the healthy one as before.
+  path = os.path.join(run_dir, "info.json")
+  kept = json.load(open(path))
+  kept["info"]["diverged"] = True
+  with open(path, "w") as f:
+    json.dump(kept, f)
+  with jax.enable_x64(False):
+    postprocess.main(["--workdir", str(tmp_path), "--method", "ddm4ip", "--thresholds", "0.4",
+                      "--sigmas", "0.35", "--border", "2", "--on_diverge", "generic"])
+  with open(os.path.join(str(tmp_path), "postprocess_ddm4ip.csv")) as f:
+    healthy_row, gone_row = list(csv.DictReader(f))
+  assert (gone_row["diverged"], healthy_row["diverged"]) == ("1", "0")
+  assert float(gone_row["thr0.4"]) == pytest.approx(float(gone_row["gauss0.35"]), abs=0.02)
+  assert float(healthy_row["thr0.4"]) != pytest.approx(float(healthy_row["gauss0.35"]), abs=0.02)
 
 
 def test_a_diverged_matching_falls_back_to_the_last_healthy_kernel(lr_image):
@@ -435,6 +451,20 @@ def test_a_diverged_matching_falls_back_to_the_last_healthy_kernel(lr_image):
   assert not ddm4ip.healthy(final) and ddm4ip.healthy(raw)
   assert info["fallback"] == {"step": 0, "final_sum": pytest.approx(float(final.sum()))}
   np.testing.assert_allclose(raw, start, atol=1e-6)
+  from kfjax.models import kernel_net  # noqa: PLC0415
+  # What the restoration gets: the kept kernel, post-processed, or (ddm4ip.on_diverge)
+  # the generic Gaussian; a healthy run is never affected by the option.
+  assert info["diverged"] is True
+  k = kernel_net.export_kernel(raw)
+  generic = kernel_net.gaussian_kernel(k.shape[0], cfg.kernel.blend_sigma * 2)
+  np.testing.assert_allclose(ddm4ip.finish_kernel(cfg, k, 2, dict(info)),
+                             kernel_net.post_process(k, 0.0, 0.0, cfg.kernel.blend_sigma * 2))
+  cfg.ddm4ip.on_diverge = "generic"
+  with pytest.warns(UserWarning, match="using the generic Gaussian"):
+    out = dict(info)
+    np.testing.assert_allclose(ddm4ip.finish_kernel(cfg, k, 2, out), generic)
+  assert out["diverged_generic"] is True
+  assert not np.allclose(generic, ddm4ip.finish_kernel(cfg, k, 2, {**info, "diverged": False}))
 
 
 def test_healthy_kernels():
@@ -468,6 +498,10 @@ def test_image_too_small_and_bad_config_are_clear_errors():
   bad.ddm4ip.x4 = "twice"
   assert [m for ok, m in ddm4ip.checks(bad.ddm4ip) if not ok] == [
       "ddm4ip.x4 must be one of compose, direct, got 'twice'"]
+  bad = config_lib.preset("smoke")
+  bad.ddm4ip.on_diverge = "retry"
+  assert [m for ok, m in ddm4ip.checks(bad.ddm4ip) if not ok] == [
+      "ddm4ip.on_diverge must be one of last_healthy, generic, got 'retry'"]
 
 
 # -- command line -----------------------------------------------------------------------------

@@ -281,7 +281,7 @@ def register_variant(name, overrides, doc=None):
 # so that those rows keep theirs: (block, field, off value).
 _LATER_FIELDS = (("ddm4ip", "normalise", False), ("ddm4ip", "max_radius", 0.0),
                  ("ddm4ip", "threshold", 0.0), ("ddm4ip", "blend", 0.0),
-                 ("ddm4ip", "x4", "compose"))
+                 ("ddm4ip", "x4", "compose"), ("ddm4ip", "on_diverge", "last_healthy"))
 # Fields that never change a result (when the command line checkpoints): left out always.
 _RUN_ONLY_FIELDS = (("kernelgan", "checkpoint_every"), ("ddm4ip", "checkpoint_every"),
                     ("ike", "checkpoint_every"))
@@ -377,7 +377,9 @@ def ddm4ip_method(case, cfg, workdir):
                 info={"seconds_ddm4ip": t_dd, "seconds_tv": t_tv,
                       "mismatch": info["match"].get("final", {}).get("mismatch"),
                       "fallback": info.get("fallback"),
-                      "spread_fallback": info.get("spread_fallback")})
+                      "spread_fallback": info.get("spread_fallback"),
+                      "diverged": info.get("diverged"),
+                      "diverged_generic": info.get("diverged_generic", False)})
 
 
 @register("ike", reads=(), estimator="ike")

@@ -33,7 +33,9 @@ With ``--method ddm4ip`` the runs are the ``ddm4ip`` rows' folders (``runs/<case
 (``kernel_raw.npy``); DDM4IP has no Phase 2 image, so ``phase2`` and ``p2init<T>`` are left
 out, and ``thr<T>_b<B>`` is exactly its row with ``ddm4ip.threshold=T ddm4ip.blend=B``
 (and ``--max_radius R`` with ``ddm4ip.max_radius=R``: a spread kernel is scored as the
-generic Gaussian, ``spread`` 1). A folder holds its latest run only, so a workdir with
+generic Gaussian, ``spread`` 1; ``--on_diverge generic`` with ``ddm4ip.on_diverge=generic``:
+a run whose matching diverged, by the ``info.json`` the benchmark keeps beside it, is
+scored as the generic Gaussian, ``diverged`` 1; empty for runs stored without one). A folder holds its latest run only, so a workdir with
 DDM4IP rows of several configs holds the last one's kernels.
 
 It prints one line per run and the mean / minimum gain over bicubic per column, and
@@ -92,12 +94,23 @@ def _file(run_dir, what):
   return p if os.path.exists(p) else os.path.join(run_dir, f"{what}.npy")
 
 
+def diverged(run_dir):
+  """Whether the DDM4IP run in ``run_dir`` diverged (its ``info.json``), or None when the
+  run was stored without one."""
+  path = os.path.join(run_dir, "info.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return bool(json.load(f)["info"].get("diverged"))
+
+
 def score_run(spec, run_dir, cases_dir, thresholds, sigmas, rcfg, border=8, weights=(),
-              blends=(), blend_sigma=0.35, max_radius=0.0):
+              blends=(), blend_sigma=0.35, max_radius=0.0, on_diverge="last_healthy"):
   """The row of one run: every column of the module docstring. ``max_radius`` > 0: a
   kernel whose RMS radius passes ``max_radius × scale`` is scored, in every ``thr``
   column, as the generic Gaussian it would become (:func:`kfjax.ddm4ip.finish_kernel`);
-  the row's ``spread`` is then 1."""
+  the row's ``spread`` is then 1. ``on_diverge="generic"``: the same for a run whose
+  matching diverged (:func:`diverged`)."""
   case = suites.load_case(spec, cases_dir)
   s = spec.scale
   known = case.kernel is not None
@@ -115,8 +128,11 @@ def score_run(spec, run_dir, cases_dir, thresholds, sigmas, rcfg, border=8, weig
                kernel_ncc=metrics.kernel_ncc(k_est, case.kernel))
   spread = ddm4ip.too_spread(k_est, max_radius, s)
   row["spread"] = int(spread)
+  gone = diverged(run_dir) if not name.startswith("kf-") else False
+  row["diverged"] = "" if gone is None else int(gone)
   generic = kernel_net.gaussian_kernel(k_est.shape[0], blend_sigma * s)
-  post = (lambda k: generic) if spread else (lambda k: k)
+  to_generic = spread or (on_diverge == "generic" and bool(gone))
+  post = (lambda k: generic) if to_generic else (lambda k: k)
   for t in thresholds:
     k = post(kernel_net.threshold_kernel(k_est, t))
     row[f"thr{t:g}"] = aligned(tv(k))
@@ -147,7 +163,8 @@ def summary(rows):
   it."""
   out = {}
   for c in columns(rows):
-    if c in ("case", "config", "bicubic", "kernel_ncc", "spread") or c.startswith("width"):
+    if (c in ("case", "config", "bicubic", "kernel_ncc", "spread", "diverged")
+        or c.startswith("width")):
       continue
     gains = [r[c] - r["bicubic"] for r in rows if c in r]
     out[c] = (float(np.mean(gains)), float(np.min(gains)), len(gains))
@@ -167,6 +184,9 @@ def main(argv=None):
   ap.add_argument("--border", type=int, default=8)
   ap.add_argument("--max_radius", type=float, default=0.0, help="score kernels whose RMS "
                   "radius passes this × the scale as the generic Gaussian (ddm4ip.max_radius)")
+  ap.add_argument("--on_diverge", default="last_healthy", choices=ddm4ip.ON_DIVERGE,
+                  help="score DDM4IP runs whose matching diverged as the generic Gaussian "
+                  "(ddm4ip.on_diverge=generic; needs the runs' info.json)")
   ap.add_argument("--weights", default="", help="also these restore.weight values (at x2), "
                   "with the estimated kernel thresholded (columns thr<T>_w<W>)")
   ap.add_argument("--blends", default="", help="also these kernel.blend weights after each "
@@ -189,7 +209,8 @@ def main(argv=None):
   rows = []
   for spec, d, _ in found:
     row = score_run(spec, d, os.path.join(args.workdir, "cases"), thresholds, sigmas, rcfg,
-                    args.border, weights, blends, base.kernel.blend_sigma, args.max_radius)
+                    args.border, weights, blends, base.kernel.blend_sigma, args.max_radius,
+                    args.on_diverge)
     rows.append(row)
     print(f"{row['case']} [{row['config']}] " + " ".join(
         f"{k} {v:.2f}" for k, v in row.items() if k not in ("case", "config")), flush=True)
