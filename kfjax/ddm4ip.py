@@ -36,9 +36,10 @@ in distribution. Three steps:
    the same function and gradients as its layers, far cheaper). A matching that diverges
    (the kernel's sum leaves 1 ± :data:`SUM_TOLERANCE`) returns the last healthy chunk's
    kernel (:func:`train`), or with ``ddm4ip.on_diverge = "generic"`` hands the generic
-   Gaussian to the restoration (:func:`finish_kernel`). kfjax option ``ddm4ip.normalise``: the fakes come from the
-   kernel divided by its sum, so the IKL shapes the kernel and never has to fight the
-   regularisers over its mass (the sum then settles near 1/2, and is not checked).
+   Gaussian to the restoration (:func:`finish_kernel`). kfjax option ``ddm4ip.normalise``:
+   the fakes come from the kernel divided by its sum, so the IKL shapes the kernel and never
+   has to fight the regularisers over its mass (the sum then settles near 1/2, and is not
+   checked).
 3. **The SR image**: the found kernel, after :func:`finish_kernel` (a guard against a
    kernel spread over the grid, ``ddm4ip.max_radius``, then the post-processing
    ``ddm4ip.threshold`` / ``blend``, the same as KernelFusion's blind kernels get; all off
@@ -419,7 +420,7 @@ def train(cfg, lr_image, scale_g, show_progress=True, workdir=None):
         lambda s: match_chunk(s, flow.ema, img, keys[3]), match, match_saver, total=total,
         length=n, every=every, bar=b, report=report_match, after=keep,
         extra=(lambda: dict(kept), put), label="DDM4IP distribution matching",
-        summarise=lambda m: {f: float(getattr(m, f)[-1]) for f in MatchMetrics._fields},
+        summarise=loop.last_values,
         show_progress=show_progress)
   finally:
     b.close()

@@ -319,7 +319,7 @@ def train(cfg, lr_image, scale, show_progress=True, workdir=None):
     state, final, restored = loop.run_resumable(
         lambda st: chunk(st, maps, rng), state, saver, total=total, length=n,
         every=int(c.checkpoint_every), bar=bar, report=report, label="IKE",
-        summarise=lambda m: {f: float(getattr(m, f)[-1]) for f in IKEMetrics._fields},
+        summarise=loop.last_values,
         show_progress=show_progress)
   finally:
     bar.close()

@@ -352,7 +352,7 @@ def train(cfg, lr_image, scale_g, show_progress=True, workdir=None):
         lambda s: chunk(s, img, pg, pd, gw_g, gw_d, rng), state,
         saver(cfg, lr_image, scale_g, workdir), total=total, length=n,
         every=int(kc.checkpoint_every), bar=bar, report=report, label="KernelGAN",
-        summarise=lambda m: {f: float(getattr(m, f)[-1]) for f in KGMetrics._fields},
+        summarise=loop.last_values,
         show_progress=show_progress)
   finally:
     bar.close()

@@ -86,6 +86,12 @@ def finite(value, what, where):
   return float(a.mean())
 
 
+def last_values(metrics):
+  """The last step's value of each field of a chunk's metrics (a NamedTuple of per-step
+  arrays) as floats: a stage's final losses (``run_resumable``'s ``summarise``)."""
+  return {f: float(v[-1]) for f, v in metrics._asdict().items()}
+
+
 def run_resumable(chunk, state, saver, *, total, length, every, bar, report, summarise,
                   label, after=None, extra=None, show_progress=True):
   """:func:`run_chunks` for a stage whose state ``saver`` keeps (a
@@ -139,5 +145,6 @@ def run_resumable(chunk, state, saver, *, total, length, every, bar, report, sum
   finally:  # (also on a stop: the last save must be complete before the process ends)
     if saver is not None:
       saver.close()
-  final = last.get("final", saver.extra("final") if saver is not None else None)
-  return state, final, restored
+  if "final" in last:
+    return state, last["final"], restored
+  return state, saver.extra("final") if saver is not None else None, restored

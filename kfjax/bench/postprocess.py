@@ -35,8 +35,9 @@ out, and ``thr<T>_b<B>`` is exactly its row with ``ddm4ip.threshold=T ddm4ip.ble
 (and ``--max_radius R`` with ``ddm4ip.max_radius=R``: a spread kernel is scored as the
 generic Gaussian, ``spread`` 1; ``--on_diverge generic`` with ``ddm4ip.on_diverge=generic``:
 a run whose matching diverged, by the ``info.json`` the benchmark keeps beside it, is
-scored as the generic Gaussian, ``diverged`` 1; empty for runs stored without one). A folder holds its latest run only, so a workdir with
-DDM4IP rows of several configs holds the last one's kernels.
+scored as the generic Gaussian, ``diverged`` 1; empty for runs stored without one). A folder
+holds its latest run only, so a workdir with DDM4IP rows of several configs holds the last
+one's kernels.
 
 It prints one line per run and the mean / minimum gain over bicubic per column, and
 writes ``postprocess.csv`` (``postprocess_ddm4ip.csv``) in the workdir. The Phase 2 path

@@ -22,6 +22,7 @@ import sys
 import numpy as np
 
 from kfjax import io as kio
+from kfjax.bench import runner
 
 METRICS = (("kernel_ncc", "kernel NCC", "{:.3f}"), ("kernel_psnr", "kernel PSNR", "{:.2f}"),
            ("kernel_width", "kernel width", "{:.2f}"),
@@ -315,7 +316,6 @@ def merged_rows(workdirs):
   workdir keeps the rows of every config it ran, so of two for the same case, method and
   seed the later one (by its date; on a tie, the later workdir's) is the one kept. Returns
   ``(rows, left_out)``, the number of rows that gave way."""
-  from kfjax.bench import runner  # noqa: PLC0415 (runner imports this module's users)
   rows, left_out = {}, 0
   for w in workdirs:
     path = os.path.join(w, "results.csv")
