@@ -116,6 +116,7 @@ class IKEState(NamedTuple):
 
 
 class IKEMetrics(NamedTuple):
+  """Per-iteration losses; ``bwd_adv`` and ``d2`` are 0 when PD2 is off (``w_bwd`` 0)."""
   fwd_adv: jnp.ndarray
   energy: jnp.ndarray
   bwd_adv: jnp.ndarray
@@ -190,6 +191,9 @@ class IKE:
     """``chunk(state, maps, rng) -> (state, IKEMetrics[steps])``, jitted."""
     c, s = self.c, self.s
     crop, esize = self.crop, int(c.energy_size)
+    # With w_bwd 0 PD2 cannot reach the network, so neither it nor its training is traced
+    # (the same updates of the network, PD1 and the SR image, for less work).
+    use_pd2 = float(c.w_bwd) != 0.0
 
     def iteration(carry, _):
       st, (residual, down, up, mask, y), rng = carry
@@ -216,7 +220,7 @@ class IKE:
       def dec_loss(net):
         _, zs = self.down_pass(net, r_c, d_c)
         x = self.up_pass(net, r_c, u_c, zs)
-        adv = jnp.mean(jnp.abs(self._d(st.d2, x) - 1.0))
+        adv = jnp.mean(jnp.abs(self._d(st.d2, x) - 1.0)) if use_pd2 else jnp.zeros(())
         inter = jnp.mean(jnp.abs(m_c * (x - u_c)))
         t = tv(x)
         return c.w_bwd * adv + c.w_inter * inter + c.w_tv * t, (x, adv, inter, t)
@@ -232,9 +236,12 @@ class IKE:
       l1, g1 = jax.value_and_grad(d_loss)(st.d1, y_c, llr)
       upd, d1_opt = self.tx.update(g1, st.d1_opt, st.d1)
       d1 = optax.apply_updates(st.d1, upd)
-      l2, g2 = jax.value_and_grad(d_loss)(st.d2, y_c, x)
-      upd, d2_opt = self.tx.update(g2, st.d2_opt, st.d2)
-      d2 = optax.apply_updates(st.d2, upd)
+      if use_pd2:
+        l2, g2 = jax.value_and_grad(d_loss)(st.d2, y_c, x)
+        upd, d2_opt = self.tx.update(g2, st.d2_opt, st.d2)
+        d2 = optax.apply_updates(st.d2, upd)
+      else:
+        l2, d2, d2_opt = jnp.zeros(()), st.d2, st.d2_opt
       new = IKEState(st.it + 1, net, d1, d2, net_opt, d1_opt, d2_opt)
       return (new, (residual, down, up, mask, y), rng), IKEMetrics(
           fwd_adv, energy, bwd_adv, inter, t, l1, l2)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -67,6 +68,29 @@ def test_training_traces_once_and_gives_an_sr_image_and_kernel(lr_image, monkeyp
   # Untrained-ish (4 iterations): the SR image is still close to the bicubic one it adds to.
   bic = np.asarray(ike.IKE(cfg, lr_image.shape, 2).maps(jnp.asarray(lr_image))[2])
   assert np.mean(np.abs(sr - np.clip(bic, 0, 1))) < 0.1
+
+
+def test_backward_adversarial_off_skips_pd2_with_the_same_updates(lr_image):
+  """With ``w_bwd`` 0 PD2 is not traced; the network ends where a negligible weight (1e-30,
+  below float32 resolution of the other gradients) leaves it, and PD2 is left untouched."""
+  ends = {}
+  for w in (0.0, 1e-30):
+    cfg = config_lib.preset("smoke")
+    cfg.ike.w_bwd = w
+    y = jnp.asarray(lr_image * 2.0 - 1.0)
+    model = ike.IKE(cfg, y.shape, 2)
+    state0 = model.init(jax.random.key(3))
+    maps = (*model.maps(y), y)
+    ends[w] = (state0, *model.make_chunk(4, 4)(state0, maps, jax.random.key(4)))
+  (s0, off, m_off), (_, tiny, m_tiny) = ends[0.0], ends[1e-30]
+  assert int(off.it) == 4
+  for a, b in zip(jax.tree.leaves((off.net, off.d1)), jax.tree.leaves((tiny.net, tiny.d1))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  for a, b in zip(jax.tree.leaves(off.d2), jax.tree.leaves(s0.d2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(tiny.d2), jax.tree.leaves(s0.d2)))
+  assert np.all(np.asarray(m_off.bwd_adv) == 0) and np.all(np.asarray(m_off.d2) == 0)
+  assert np.all(np.asarray(m_tiny.d2) > 0)
 
 
 def test_bad_scales_and_sizes():
