@@ -164,10 +164,14 @@ def _input_grad(g, w):
   dtype = jnp.result_type(g.dtype, w.dtype)
   acc = jnp.promote_types(dtype, jnp.float32)  # bf16 sums in float32
   taps = jnp.einsum("nhwo,abio->nhwabi", g, w, preferred_element_type=acc)
-  dx = jnp.zeros((n, h + kh - 1, wd + kw - 1, ci), acc)
+  # The k² shifted adds as zero-padded tap planes summed in (a, b) order (the same sums,
+  # bit for bit, as ``dx.at[:, a:a + h, b:b + wd].add(...)``, whose chain of 49 in-place
+  # updates for a 7×7 kernel sends XLA's algebraic simplifier into a loop it logs as an error).
+  dx = None
   for a in range(kh):
     for b in range(kw):
-      dx = dx.at[:, a:a + h, b:b + wd].add(taps[:, :, :, a, b])
+      t = jnp.pad(taps[:, :, :, a, b], ((0, 0), (a, kh - 1 - a), (b, kw - 1 - b), (0, 0)))
+      dx = t if dx is None else dx + t
   return dx.astype(dtype)
 
 

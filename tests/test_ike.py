@@ -119,3 +119,25 @@ def test_cli_method_ike(tmp_path, lr_image):
   assert k.shape == (24, 24) and k.min() >= 0 and abs(k.sum() - 1) < 1e-5
   res = run("--kernel", os.path.join(out, "kernel.npy"))
   assert res.returncode != 0 and "exclude each other" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_compiles_without_xla_simplifier_errors():
+  """A 7×7 first discriminator layer on 64-px crops (the ``cpu`` preset's) once made XLA:CPU
+  log "algebraic simplifier is likely stuck in a circular simplification loop" when it
+  compiled the chunk (the col2im input gradient of :func:`kfjax.ops.conv2d`); users saw it
+  as an error line on every ``--method ike`` / ``kernelgan`` run."""
+  code = """
+import numpy as np, jax, jax.numpy as jnp
+from kfjax import config, ike
+cfg = config.preset("cpu")
+cfg.ike.update(couplings=1, u_layers=1, d_depth=2, hidden=4, u_channels=4, d_channels=4)
+y = jnp.asarray(np.random.default_rng(0).random((64, 64, 3), np.float32))
+m = ike.IKE(cfg, y.shape, 2)
+st = m.init(jax.random.key(0))
+jax.block_until_ready(m.make_chunk(1, 10)(st, (*m.maps(y), y), jax.random.key(1)))
+print("compiled")
+"""
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV,
+                     timeout=600)
+  assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-2000:]
+  assert "simplif" not in r.stderr.lower(), r.stderr[-2000:]
