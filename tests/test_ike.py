@@ -122,10 +122,11 @@ def test_cli_method_ike(tmp_path, lr_image):
 
 
 def test_compiles_without_xla_simplifier_errors():
-  """A 7×7 first discriminator layer on 64-px crops (the ``cpu`` preset's) once made XLA:CPU
-  log "algebraic simplifier is likely stuck in a circular simplification loop" when it
-  compiled the chunk (the col2im input gradient of :func:`kfjax.ops.conv2d`); users saw it
-  as an error line on every ``--method ike`` / ``kernelgan`` run."""
+  """The chunk with a 7×7 first discriminator layer on 64-px crops (the ``cpu`` preset's)
+  compiles without XLA:CPU logging "algebraic simplifier is likely stuck in a circular
+  simplification loop": a col2im input gradient (:func:`kfjax.ops.conv2d`) written as a
+  chain of 49 in-place updates triggers it, and users would see it as an error line on every
+  ``--method ike`` / ``kernelgan`` run."""
   code = """
 import numpy as np, jax, jax.numpy as jnp
 from kfjax import config, ike
