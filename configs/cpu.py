@@ -108,7 +108,7 @@ def get_config():
   # --method ike: the paper's 3000 iterations with 16-channel networks (as KernelGAN here).
   # The backward adversarial loss is off (w_bwd 0, the paper's is 5): at 5 (and 2, and with
   # the paper's 64-channel U and discriminators) the SR image falls 5-12 dB below bicubic
-  # within 500-1000 iterations, and even at 0.5 it swings by up to 5 dB along training and
+  # within 500-1000 iterations, and even at 0.5 it swings over 5 dB along training and
   # ends 2.3 dB below bicubic on the quick-start image. Without it the SR image is bicubic to
   # a few hundredths of a dB: IKE at this budget gives a kernel, not a sharper image
   # (BENCHMARKS.md, "DDM4IP and IKE").
