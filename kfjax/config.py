@@ -188,6 +188,7 @@ def base_config():
       d_channels=64,        # PD1, PD2: KernelGAN's discriminator
       d_depth=7,
       d_kernel=7,
+      d_batch="separate",   # PD on real and fake as separate batches (KernelGAN's) or "joint"
       lr=2e-4,              # Adam as KernelGAN's (not given in the paper)
       beta1=0.5,
       w_energy_start=4.0,   # energy weight, 4 falling linearly to 1

@@ -58,6 +58,7 @@ def checks(c):
        "ike network sizes must be >= 1 (d_depth >= 2)"),
       (c.crop >= 8 and c.lr > 0 and c.kernel_size >= 0,
        "ike.crop must be >= 8, lr > 0 and kernel_size >= 0 (0: 6 x scale)"),
+      (c.d_batch in ("separate", "joint"), "ike.d_batch must be 'separate' or 'joint'"),
   ]
 
 
@@ -177,6 +178,19 @@ class IKE:
     out, _ = self.disc.apply(params, x, mutable=["batch_stats"])
     return out
 
+  def _d_pair(self, params, real, fake):
+    """``(PD(real), PD(fake))``. ``d_batch="separate"`` (KernelGAN's, the paper's) runs PD
+    on each on its own; ``"joint"`` cuts both into tiles of the smaller one's size and runs
+    PD once on all the tiles, so its BatchNorm statistics are shared: on its own a batch is
+    normalised by its own statistics, which makes PD blind to any gain and offset of its
+    whole input (:func:`tiles`)."""
+    if self.c.d_batch == "separate":
+      return self._d(params, real), self._d(params, fake)
+    t = min(real.shape[1], fake.shape[1])
+    r, f = tiles(real, t), tiles(fake, t)
+    out = self._d(params, jnp.concatenate([r, f]))
+    return out[:r.shape[0]], out[r.shape[0]:]
+
   def down_pass(self, net, residual, down):
     """``(y_LLR, Z)`` of residual / bicubic-down batches."""
     r_down, zs = self.net.apply(net["ike"], residual, method=self.net.forward)
@@ -209,7 +223,7 @@ class IKE:
 
       def enc_loss(net):
         llr, _ = self.down_pass(net, r_c, d_c)
-        adv = jnp.mean(jnp.abs(self._d(st.d1, llr) - 1.0))
+        adv = jnp.mean(jnp.abs(self._d_pair(st.d1, y_c, llr)[1] - 1.0))
         energy = jnp.mean(jnp.abs(mean_filter(d_c, esize) - mean_filter(llr, esize)))
         return adv + lam_energy * energy, (llr, adv, energy)
 
@@ -220,7 +234,8 @@ class IKE:
       def dec_loss(net):
         _, zs = self.down_pass(net, r_c, d_c)
         x = self.up_pass(net, r_c, u_c, zs)
-        adv = jnp.mean(jnp.abs(self._d(st.d2, x) - 1.0)) if use_pd2 else jnp.zeros(())
+        adv = (jnp.mean(jnp.abs(self._d_pair(st.d2, y_c, x)[1] - 1.0)) if use_pd2
+               else jnp.zeros(()))
         inter = jnp.mean(jnp.abs(m_c * (x - u_c)))
         t = tv(x)
         return c.w_bwd * adv + c.w_inter * inter + c.w_tv * t, (x, adv, inter, t)
@@ -231,7 +246,8 @@ class IKE:
       llr, x = jax.lax.stop_gradient(llr), jax.lax.stop_gradient(x)
 
       def d_loss(dp, real, fake):
-        return jnp.mean(jnp.abs(self._d(dp, real) - 1.0)) + jnp.mean(jnp.abs(self._d(dp, fake)))
+        on_real, on_fake = self._d_pair(dp, real, fake)
+        return jnp.mean(jnp.abs(on_real - 1.0)) + jnp.mean(jnp.abs(on_fake))
       # PD1 judges LR patches against y_LLR; PD2 LR patches against SR patches.
       l1, g1 = jax.value_and_grad(d_loss)(st.d1, y_c, llr)
       upd, d1_opt = self.tx.update(g1, st.d1_opt, st.d1)
@@ -289,6 +305,13 @@ def impulse_kernel(respond, size, s, channels):
             k[u, v], filled[u, v] = resp[i, j], True
   assert filled.all()
   return k
+
+
+def tiles(x, t):
+  """``(B, H, W, C)`` with H and W multiples of ``t`` → ``(B·H/t·W/t, t, t, C)``, row-major."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // t, t, w // t, t, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(-1, t, t, c)
 
 
 def _pad_to(y, m):

@@ -93,6 +93,36 @@ def test_backward_adversarial_off_skips_pd2_with_the_same_updates(lr_image):
   assert np.all(np.asarray(m_tiny.d2) > 0)
 
 
+def test_tiles_are_the_row_major_blocks():
+  x = np.arange(2 * 4 * 6 * 3, dtype=np.float32).reshape(2, 4, 6, 3)
+  got = np.asarray(ike.tiles(jnp.asarray(x), 2))
+  want = [x[b, i:i + 2, j:j + 2] for b in range(2) for i in (0, 2) for j in (0, 2, 4)]
+  np.testing.assert_array_equal(got, np.stack(want))
+
+
+def test_pd_on_its_own_batch_is_blind_to_gain_and_offset_a_joint_batch_is_not(lr_image):
+  """PD's BatchNorm normalises each batch by its own statistics, so with real and fake run
+  separately (KernelGAN's way) PD's verdict on the fakes does not change when their gain and
+  offset do; run on one joint batch of tiles it does. A joint-batch chunk trains."""
+  y = jnp.asarray(lr_image * 2.0 - 1.0)
+  cfg = config_lib.preset("smoke")
+  model = ike.IKE(cfg, y.shape, 2)
+  d1 = model.init(jax.random.key(0)).d1
+  rng = np.random.default_rng(0)
+  real = jnp.asarray(rng.uniform(-1, 1, (1, model.crop, model.crop, 3)), jnp.float32)
+  fake = jnp.asarray(rng.uniform(-1, 1, (1, model.crop // 2, model.crop // 2, 3)), jnp.float32)
+  verdicts = {}
+  for mode in ("separate", "joint"):
+    model.c.d_batch = mode
+    verdicts[mode] = [np.asarray(model._d_pair(d1, real, f)[1]) for f in (fake, 3.0 * fake + 0.5)]
+  np.testing.assert_allclose(*verdicts["separate"], atol=1e-4)
+  assert np.max(np.abs(verdicts["joint"][0] - verdicts["joint"][1])) > 1e-2
+  state0 = model.init(jax.random.key(3))
+  state, m = model.make_chunk(2, 2)(state0, (*model.maps(y), y), jax.random.key(4))
+  assert np.isfinite(np.asarray(m.fwd_adv)).all() and np.isfinite(np.asarray(m.d1)).all()
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(state.d1), jax.tree.leaves(state0.d1)))
+
+
 def test_bad_scales_and_sizes():
   cfg = config_lib.preset("smoke")
   with pytest.raises(KfjaxError, match="x2 and x4"):
