@@ -414,20 +414,21 @@ def test_fingerprint_leaves_float32_precision_out():
   assert methods.fingerprint_of(cfg) != before
 
 
-@pytest.mark.parametrize("field,on", [("normalise", True), ("max_radius", 2.0),
-                                      ("threshold", 0.2), ("blend", 0.5),
-                                      ("x4", "direct"), ("on_diverge", "generic")])
-def test_fingerprint_leaves_later_ddm4ip_options_out_while_off(field, on):
+@pytest.mark.parametrize("block,field,on", [
+    ("ddm4ip", "normalise", True), ("ddm4ip", "max_radius", 2.0), ("ddm4ip", "threshold", 0.2),
+    ("ddm4ip", "blend", 0.5), ("ddm4ip", "x4", "direct"), ("ddm4ip", "on_diverge", "generic"),
+    ("ike", "d_batch", "joint")])
+def test_fingerprint_leaves_later_options_out_while_off(block, field, on):
   import ml_collections
   from kfjax import config as config_lib
   cfg = config_lib.preset("cpu")
-  for block, name, off in methods._LATER_FIELDS:    # the cpu preset turns some on
-    cfg[block][name] = off
+  for b, name, off in methods._LATER_FIELDS:    # the cpu preset turns some on
+    cfg[b][name] = off
   legacy = cfg.to_dict()
-  del legacy["ddm4ip"][field]
+  del legacy[block][field]
   before = methods.fingerprint_of(cfg)
   assert before == methods.fingerprint_of(ml_collections.ConfigDict(legacy))
-  cfg.ddm4ip[field] = on
+  cfg[block][field] = on
   assert methods.fingerprint_of(cfg) != before
 
 
