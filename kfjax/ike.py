@@ -191,6 +191,13 @@ class IKE:
     out = self._d(params, jnp.concatenate([r, f]))
     return out[:r.shape[0]], out[r.shape[0]:]
 
+  def _d_fake(self, params, real, fake):
+    """PD's verdict on ``fake`` alone (the generator's loss); with separate batches the real
+    patches are not traced at all."""
+    if self.c.d_batch == "separate":
+      return self._d(params, fake)
+    return self._d_pair(params, real, fake)[1]
+
   def down_pass(self, net, residual, down):
     """``(y_LLR, Z)`` of residual / bicubic-down batches."""
     r_down, zs = self.net.apply(net["ike"], residual, method=self.net.forward)
@@ -223,7 +230,7 @@ class IKE:
 
       def enc_loss(net):
         llr, _ = self.down_pass(net, r_c, d_c)
-        adv = jnp.mean(jnp.abs(self._d_pair(st.d1, y_c, llr)[1] - 1.0))
+        adv = jnp.mean(jnp.abs(self._d_fake(st.d1, y_c, llr) - 1.0))
         energy = jnp.mean(jnp.abs(mean_filter(d_c, esize) - mean_filter(llr, esize)))
         return adv + lam_energy * energy, (llr, adv, energy)
 
@@ -234,8 +241,7 @@ class IKE:
       def dec_loss(net):
         _, zs = self.down_pass(net, r_c, d_c)
         x = self.up_pass(net, r_c, u_c, zs)
-        adv = (jnp.mean(jnp.abs(self._d_pair(st.d2, y_c, x)[1] - 1.0)) if use_pd2
-               else jnp.zeros(()))
+        adv = jnp.mean(jnp.abs(self._d_fake(st.d2, y_c, x) - 1.0)) if use_pd2 else jnp.zeros(())
         inter = jnp.mean(jnp.abs(m_c * (x - u_c)))
         t = tv(x)
         return c.w_bwd * adv + c.w_inter * inter + c.w_tv * t, (x, adv, inter, t)
