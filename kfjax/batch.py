@@ -305,12 +305,13 @@ def run(paths, cfg, out, *, kernel_path=None, method="kernelfusion", show_progre
   process, merged rows)``.
 
   Images of one size run together over this process's devices, ``per_device`` on each
-  (:func:`plan_groups`; ``kernelfusion`` with one sample per image: other runs go one at
-  a time). A failing image is recorded (status ``failed`` with its one-line error) and
+  (:func:`plan_groups`; ``kernelfusion`` with one sample per image and a Phase 2 that the
+  output reads: other runs go one at a time). A failing image is recorded (status ``failed`` with its one-line error) and
   the rest go on; :class:`kfjax.loop.Stopped` (SIGTERM) ends the batch after the current
   checkpoint, with this process's part and the report written.
   """
   import jax  # noqa: PLC0415 (imports JAX; --help stays fast)
+  from kfjax import phase2  # noqa: PLC0415
   names = unique_names(paths)
   try:
     os.makedirs(out, exist_ok=True)
@@ -321,8 +322,11 @@ def run(paths, cfg, out, *, kernel_path=None, method="kernelfusion", show_progre
   costs = {n: estimate_cost(cfg, sizes[n]) for n in by_name}
   mine = shares(costs, num_processes)[process]
   devices = jax.local_device_count()
+  # A given kernel with restore.final from the bicubic start skips both phases
+  # (kfjax.phase2.reads_phase2): nothing is left to run together.
   together = (devices * per_device > 1 and method == "kernelfusion"
-              and int(cfg.sample.num_samples) == 1)
+              and int(cfg.sample.num_samples) == 1
+              and (not kernel_path or phase2.reads_phase2(cfg, blind=False)))
   loop.log(f"{len(paths)} images, {len(mine)} for process {process} of {num_processes}"
            f"{f' ({devices} devices, up to {per_device} images each)' if together else ''}"
            f" -> {os.path.abspath(out)}")

@@ -693,6 +693,31 @@ def finish_kernel(cfg, kernel, scale=None):
                                  k.blend_sigma * int(scale or cfg.scale))
 
 
+def reads_phase2(cfg, blind):
+  """Whether the output of a run depends on Phase 2. A blind run's always does (Phase 2
+  finds the kernel). A non-blind run's does not when ``restore.final`` re-solves the image
+  from the bicubic start (``restore.init = "bicubic"``, as in the ``cpu`` preset): its
+  kernel is the given one and Phase 2's image is discarded, so neither Phase 1 nor
+  Phase 2 need run (:func:`restore_only` gives the same output)."""
+  return blind or not (bool(cfg.restore.final) and cfg.restore.init == "bicubic")
+
+
+def restore_only(cfg, lr_image, kernel):
+  """What :func:`run` returns for a non-blind run whose output does not read Phase 2
+  (``not reads_phase2(cfg, False)``), without running Phase 2: the TV restoration
+  (:func:`final_restore`) with ``kernel`` from the bicubic start. ``lr_image`` in [−1, 1];
+  returns ``(hr in [−1, 1], kernel, info)`` as :func:`run` does."""
+  if reads_phase2(cfg, blind=False):
+    raise ValueError("restore_only needs restore.final with restore.init='bicubic'")
+  lr_image = jnp.asarray(lr_image, jnp.float32)
+  kernel = np.asarray(kernel, np.float32)
+  hr, kernel, extra = finish_output(cfg, lr_image, None, kernel, blind=False)
+  info = {"steps": 0, "iterations": 0, "mode": "nonblind", "samples": 0, "restored_step": None,
+          "skipped": "non-blind with restore.final from the bicubic start: the output is the "
+                     "TV restoration with the given kernel, which reads nothing of Phase 2"}
+  return hr, kernel, {**info, **extra}
+
+
 def finish_output(cfg, lr_image, hr, kernel, blind):
   """What follows Algorithm 1 (kfjax options, all off in the paper's setting): the
   kernel through :func:`finish_kernel` (blind runs only), then with ``restore.final``

@@ -186,6 +186,9 @@ def write_outputs(prep, cfg, hr, kernel, p1, p2, method="kernelfusion", group=No
     parts = f"DDM4IP {prep.estimator['seconds']:.1f} s, restoration {p2['seconds']:.1f} s"
   elif method == "ike":
     parts = "IKE"
+  elif "skipped" in p2:
+    parts = (f"{TWO_STEP[method]} {prep.estimator['seconds']:.1f} s, " if method in TWO_STEP
+             else "") + f"restoration {p2['seconds']:.1f} s"
   else:
     parts = f"phase 1 {p1['seconds']:.1f} s, phase 2 {p2['seconds']:.1f} s"
   log(f"done in {summary['total_seconds']:.1f} s ({parts}); outputs in {os.path.abspath(workdir)}")
@@ -200,7 +203,9 @@ def run(image_path, cfg, workdir, kernel_path=None, show_progress=True, method="
 
   ``method="kernelgan"`` estimates the kernel with KernelGAN (``kfjax.kernelgan``,
   ``cfg.kernelgan``) and then runs the non-blind Phase 2 with it (Phase 1 still trains
-  PD, which Phase 2 needs). ``method="ddm4ip"`` estimates it with DDM4IP
+  PD, which Phase 2 needs). A non-blind run (a given kernel, or KernelGAN's) whose
+  ``restore.final`` starts from the bicubic upscale skips both phases: its output is that
+  TV restoration, which reads nothing of them (:func:`kfjax.phase2.reads_phase2`). ``method="ddm4ip"`` estimates it with DDM4IP
   (``kfjax.ddm4ip``, ``cfg.ddm4ip``) and restores with the TV solver (``cfg.restore``);
   ``method="ike"`` runs IKE (``kfjax.ike``, ``cfg.ike``), which gives both. With ``sample.prior = "dip"`` Phase 1 is skipped (no PD).
   """
@@ -221,6 +226,13 @@ def run(image_path, cfg, workdir, kernel_path=None, show_progress=True, method="
     p2 = {"mode": "ddm4ip", "restore_steps": int(cfg.restore.steps),
           "final_loss": float(values[-1]), "seconds": round(time.time() - t0, 2)}
     return write_outputs(prep, cfg, np.asarray(x) * 2.0 - 1.0, prep.fixed, p1, p2, method)
+  if prep.fixed is not None and not phase2.reads_phase2(cfg, blind=False):
+    log("restore.final from the bicubic start with a given kernel: the output is the TV "
+        "restoration alone, so Phase 1 and Phase 2 (which would not change it) are skipped")
+    hr, kernel, p2 = phase2.restore_only(cfg, lr_m, prep.fixed)
+    p1 = {**phase1.skipped_info("non-blind with restore.init=bicubic"), "seconds": 0.0}
+    return write_outputs(prep, cfg, hr, kernel, p1,
+                         {**p2, "seconds": round(time.time() - t0, 2)}, method)
   if cfg.sample.prior == "dip":
     pd_model = pd_params = None
     p1 = phase1.skipped_info("sample.prior=dip")

@@ -505,3 +505,42 @@ def test_report_merges_workdirs_keeping_the_latest_row_of_each_case_method_and_s
   assert "| 2 | m | 0, 1 | 2 | +1.00, +2.00 |" in (out / "report.md").read_text()
   with pytest.raises(SystemExit, match="no benchmark results"):
     report.main(["--workdirs", str(tmp_path / "none"), "--out", str(out)])
+
+
+def test_nonblind_methods_skip_the_phases_when_the_output_does_not_read_them(smoke_cfg, tmp_path,
+                                                                            monkeypatch):
+  """With ``restore.final`` from the bicubic start, ``nonblind`` (Phase 2 with the true
+  kernel) is the TV restoration with it, ``tv_nonblind``'s image, and ``kernelgan`` the TV
+  restoration with KernelGAN's kernel, which ``postprocess --method kernelgan`` re-derives;
+  no PD is trained for either."""
+  from kfjax import kernelgan
+  from kfjax.bench import postprocess
+  k_gan = np.zeros((12, 12), np.float32)
+  k_gan[3:9, 5:7] = 1.0 / 12                   # a vertical bar, not the case's Gaussian
+  monkeypatch.setattr(kernelgan, "estimate_kernel", lambda *a, **kw: (k_gan, {}))
+  cfg = methods.with_overrides(smoke_cfg, {"restore.final": True, "restore.init": "bicubic"})
+  assert cfg.restore.to_dict() == {**config_base_restore(), "final": True, "init": "bicubic"}
+  spec = suites.suite("tiny")[0]
+  wd = str(tmp_path)
+  rows = runner.run([spec], ["nonblind", "tv_nonblind", "kernelgan", "bicubic"], cfg, wd,
+                    border=2, show_progress=False)
+  assert [r["status"] for r in rows] == ["ok"] * 4, rows
+  case_dir = os.path.join(wd, "runs", spec.name)
+  assert not [d for d in os.listdir(case_dir) if d.startswith("pd-")]
+  assert abs(float(rows[0]["psnr"]) - float(rows[1]["psnr"])) < 1e-3
+  for r in (0, 2):
+    info = json.load(open(os.path.join(case_dir, rows[r]["method"], "info.json")))["info"]
+    assert info["seconds_phase1"] == 0.0
+  np.testing.assert_array_equal(np.load(os.path.join(case_dir, "kernelgan", "kernel.npy")), k_gan)
+  postprocess.main(["--workdir", wd, "--method", "kernelgan", "--thresholds", "0,0.5",
+                    "--sigmas", "", "--border", "2"])
+  with open(os.path.join(wd, "postprocess_kernelgan.csv")) as f:
+    (pp,) = list(csv.DictReader(f))
+  assert float(pp["thr0"]) == pytest.approx(float(rows[2]["subpixel_psnr"]), abs=1e-3)
+  assert float(pp["bicubic"]) == pytest.approx(float(rows[3]["subpixel_psnr"]), abs=1e-3)
+  assert float(pp["tv_true"]) == pytest.approx(float(rows[1]["subpixel_psnr"]), abs=1e-3)
+
+
+def config_base_restore():
+  from kfjax import config as config_lib
+  return config_lib.base_config().restore.to_dict()

@@ -355,3 +355,81 @@ def test_phase2_progress_bar_moves_per_chunk_of_iterations(phase1, monkeypatch):
   assert bar.total == total == 9
   assert bar.updates == [0] + [cfg.sample.iters_per_chunk] * (total // cfg.sample.iters_per_chunk)
   assert bar.postfix["t"] == 1 and float(bar.postfix["loss"]) > 0
+
+
+# -- non-blind runs whose output reads nothing of Phase 2 ---------------------------------
+
+def _box_kernel():
+  k = np.zeros((12, 12), np.float32)
+  k[4:8, 4:8] = 1.0 / 16
+  return k
+
+
+def _tv_bicubic_config():
+  cfg = _smoke_config()
+  cfg.restore.final, cfg.restore.init, cfg.restore.steps = True, "bicubic", 20
+  return cfg
+
+
+def test_reads_phase2_only_blind_or_when_the_restoration_starts_from_it():
+  cfg = _smoke_config()
+  assert not cfg.restore.final
+  assert phase2_lib.reads_phase2(cfg, blind=False)         # no final TV: Phase 2's image
+  cfg.restore.final = True
+  assert cfg.restore.init == "phase2" and phase2_lib.reads_phase2(cfg, blind=False)
+  cfg.restore.init = "bicubic"
+  assert not phase2_lib.reads_phase2(cfg, blind=False)
+  assert phase2_lib.reads_phase2(cfg, blind=True)          # blind: Phase 2 finds the kernel
+  with pytest.raises(ValueError, match="restore.init"):
+    phase2_lib.restore_only(_smoke_config(), _lr_image(), _box_kernel())
+
+
+def test_restore_only_is_the_finished_nonblind_output_whatever_phase2_gave():
+  """Phase 2 returns the given kernel unchanged (``test_phase2_nonblind``); with the final
+  TV solve from the bicubic start its image is then not read, so the output of
+  :func:`phase2.finish_output` is the same for any Phase 2 image and equals
+  :func:`phase2.restore_only` and the TV solver called directly."""
+  from kfjax import restore
+  cfg, lr, k = _tv_bicubic_config(), _lr_image(), _box_kernel()
+  hr, k_out, info = phase2_lib.restore_only(cfg, lr, k)
+  hr_shape = (LR_SHAPE[0] * SCALE, LR_SHAPE[1] * SCALE, LR_SHAPE[2])
+  assert hr.shape == hr_shape
+  np.testing.assert_array_equal(k_out, k)
+  assert info["mode"] == "nonblind" and info["steps"] == 0 and "skipped" in info
+  assert info["final_restore"]["init"] == "bicubic"
+  rng = np.random.default_rng(1)
+  for phase2_image in (np.zeros(hr_shape, np.float32),
+                       rng.uniform(-1, 1, hr_shape).astype(np.float32)):
+    other, k2, _ = phase2_lib.finish_output(cfg, jnp.asarray(lr), phase2_image, k, blind=False)
+    np.testing.assert_array_equal(np.asarray(other), np.asarray(hr))
+    np.testing.assert_array_equal(np.asarray(k2), k)
+  x, _ = restore.solve_cfg((lr + 1.0) / 2.0, k, SCALE, cfg.restore)
+  np.testing.assert_allclose(np.asarray(hr), np.asarray(x) * 2.0 - 1.0, atol=1e-5)
+  # A real restoration: re-degraded with k, nearer the LR image than its bicubic start.
+  from kfjax import degrade
+  from kfjax import resize
+  err = lambda img: float(np.mean((degrade.downscale_np(img, k, SCALE) - lr) ** 2))
+  start = np.asarray(resize.upscale(jnp.asarray(lr), SCALE))
+  assert err(hr) < 0.5 * err(start)
+
+
+def test_pipeline_nonblind_skips_both_phases_when_nothing_reads_them(tmp_path):
+  from kfjax import io as kio
+  from kfjax import pipeline
+  from kfjax import restore
+  img = (_lr_image() + 1.0) / 2.0
+  path, kpath = str(tmp_path / "lr.png"), str(tmp_path / "k.npy")
+  kio.save_image(path, img)
+  np.save(kpath, _box_kernel())
+  cfg, wd = _tv_bicubic_config(), str(tmp_path / "out")
+  summary = pipeline.run(path, cfg, wd, kernel_path=kpath, show_progress=False)
+  assert summary["mode"] == "nonblind"
+  assert summary["phase1"]["steps"] == 0 and "skipped" in summary["phase1"]
+  assert summary["phase2"]["iterations"] == 0 and "skipped" in summary["phase2"]
+  # Nothing of either phase was trained or checkpointed: only the run's own outputs.
+  assert sorted(os.listdir(wd)) == ["bicubic.png", "config.json", "kernel.npy", "kernel.png",
+                                    "sr.png", "summary.json"]
+  lr, _ = kio.load_image(path)
+  x, _ = restore.solve_cfg(lr, _box_kernel(), SCALE, cfg.restore)
+  sr, _ = kio.load_image(os.path.join(wd, "sr.png"))
+  assert np.abs(sr - np.clip(np.asarray(x), 0, 1)).max() <= 1.0 / 255 + 1e-6   # 8-bit output

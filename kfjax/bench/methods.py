@@ -134,6 +134,20 @@ def phase2(case, cfg, pd, fixed_kernel=None):
   return sr, kernel_net.export_kernel(k), time.time() - t0
 
 
+def nonblind_output(case, cfg, workdir, kernel):
+  """The non-blind SR image with ``kernel``: Phase 1 + non-blind Phase 2 (+ the config's
+  ``restore.final``), or, when the config's output reads nothing of Phase 2
+  (:func:`kfjax.phase2.reads_phase2`), the TV restoration alone, as the CLI does. Returns
+  ``(sr in [0, 1], seconds of Phase 1, seconds of Phase 2 or the restoration)``."""
+  if not phase2_lib.reads_phase2(cfg, blind=False):
+    t0 = time.time()
+    hr, _, _ = phase2_lib.restore_only(cfg, case.lr * 2.0 - 1.0, kernel)
+    return np.clip((hr + 1.0) / 2.0, 0.0, 1.0), 0.0, time.time() - t0
+  model, params, t1 = trained_pd(case, cfg, _case_dir(workdir))
+  sr, _, t2 = phase2(case, cfg, (model, params), fixed_kernel=kernel)
+  return sr, t1, t2
+
+
 def _case_dir(workdir):
   """Methods get ``<workdir>/<case>/<method>``; the shared PD lives one level up."""
   return os.path.dirname(os.path.normpath(workdir))
@@ -253,15 +267,16 @@ def tv_blind(case, cfg, workdir):
 
 @register("nonblind")
 def nonblind(case, cfg, workdir):
-  """Phase 2 with the true kernel fixed: the upper bound for blind KernelFusion."""
+  """Phase 2 with the true kernel fixed: the upper bound for blind KernelFusion
+  (:func:`nonblind_output`; with ``restore.final`` from the bicubic start that is
+  ``tv_nonblind``'s image)."""
   if case.kernel is None:
     raise NotApplicable("no true kernel for a non-linear degradation")
   cfg = _prepare(case, cfg)
   k_size = phase2_lib.kernel_size(cfg)
   if case.kernel.shape[0] != k_size:
     raise NotApplicable(f"true kernel is {case.kernel.shape[0]}px, config kernel {k_size}px")
-  model, params, t1 = trained_pd(case, cfg, _case_dir(workdir))
-  sr, _, t2 = phase2(case, cfg, (model, params), fixed_kernel=case.kernel)
+  sr, t1, t2 = nonblind_output(case, cfg, workdir, case.kernel)
   return Result(sr=sr, kernel=None, seconds=t1 + t2,
                 info={"seconds_phase1": t1, "seconds_phase2": t2})
 
@@ -347,14 +362,15 @@ def kf_dip(case, cfg, workdir):
 
 @register("kernelgan", estimator="kernelgan")
 def kernelgan_method(case, cfg, workdir):
-  """KernelGAN's kernel (``kfjax.kernelgan``) + KernelFusion's non-blind Phase 2."""
+  """KernelGAN's kernel (``kfjax.kernelgan``) + KernelFusion's non-blind Phase 2
+  (:func:`nonblind_output`: the TV restoration alone where the config's output reads
+  nothing of Phase 2)."""
   from kfjax import kernelgan  # noqa: PLC0415
   cfg = _prepare(case, cfg)
   t0 = time.time()
   k, _ = kernelgan.estimate_kernel(case.lr, case.spec.scale, cfg, show_progress=False)
   t_kg = time.time() - t0
-  model, params, t1 = trained_pd(case, cfg, _case_dir(workdir))
-  sr, _, t2 = phase2(case, cfg, (model, params), fixed_kernel=k)
+  sr, t1, t2 = nonblind_output(case, cfg, workdir, k)
   return Result(sr=sr, kernel=k, seconds=t_kg + t1 + t2,
                 info={"seconds_kernelgan": t_kg, "seconds_phase1": t1, "seconds_phase2": t2})
 

@@ -39,6 +39,13 @@ scored as the generic Gaussian, ``diverged`` 1; empty for runs stored without on
 holds its latest run only, so a workdir with DDM4IP rows of several configs holds the last
 one's kernels.
 
+With ``--method kernelgan`` the runs are the ``kernelgan`` rows' folders and the kernel is
+KernelGAN's own (``kernel.npy``: a non-blind run leaves it as it is). Where the config's
+output reads nothing of Phase 2 (``restore.final`` from the bicubic start, the ``cpu``
+preset: :func:`kfjax.phase2.reads_phase2`), ``thr0`` is exactly the row's image and
+``thr<T>_b<B>`` what KernelGAN's kernel would give after the blind runs' repair
+(``kernel.threshold=T kernel.blend=B``, which non-blind runs do not apply).
+
 It prints one line per run and the mean / minimum gain over bicubic per column, and
 writes ``postprocess.csv`` (``postprocess_ddm4ip.csv``) in the workdir. The Phase 2 path
 being the same, ``thr<T>`` is exactly what a run with those settings would have produced.
@@ -68,8 +75,8 @@ from kfjax.models import kernel_net
 
 def runs(workdir, fingerprints=None, method="kernelfusion"):
   """``(case spec, run folder, label)`` of every stored blind run of ``method`` (the label:
-  KernelFusion's config fingerprint, DDM4IP's folder name), sorted."""
-  pattern = "kf-*" if method == "kernelfusion" else "ddm4ip*"
+  KernelFusion's config fingerprint, DDM4IP's or KernelGAN's folder name), sorted."""
+  pattern = {"kernelfusion": "kf-*", "ddm4ip": "ddm4ip*", "kernelgan": "kernelgan*"}[method]
   out = []
   for d in sorted(glob.glob(os.path.join(workdir, "runs", "*", pattern))):
     label = os.path.basename(d)[3:] if method == "kernelfusion" else os.path.basename(d)
@@ -178,8 +185,10 @@ def main(argv=None):
   ap.add_argument("--workdir", required=True)
   ap.add_argument("--thresholds", default="0,0.2,0.4", help="kernel.threshold values")
   ap.add_argument("--sigmas", default="0.35,0.5", help="fixed Gaussians' std, × the scale")
-  ap.add_argument("--method", default="kernelfusion", choices=("kernelfusion", "ddm4ip"),
-                  help="whose stored kernels: KernelFusion's Phase 2 or DDM4IP's raw ones")
+  ap.add_argument("--method", default="kernelfusion",
+                  choices=("kernelfusion", "ddm4ip", "kernelgan"),
+                  help="whose stored kernels: KernelFusion's Phase 2, DDM4IP's raw ones or "
+                  "KernelGAN's")
   ap.add_argument("--configs", default="", help="only these config fingerprints (comma "
                   "list; with --method ddm4ip, run folder names such as ddm4ip-seed1)")
   ap.add_argument("--border", type=int, default=8)
