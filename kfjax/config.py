@@ -136,6 +136,8 @@ def base_config():
       switch_iter=200,      # lambda_update_freq iterations after it
       lambda_update_freq=200,
       kernel_size=0,        # G's kernel grid at ×2; 0: its receptive field rounded up to even
+      centre="pixel",       # G trained centred on its field's pixel, moved ½ px after ("grid":
+                            # centred on the even grid while training; leans diagonally)
       steps_per_chunk=100,  # iterations per dispatch (lax.scan)
       checkpoint_every=500, # iterations between checkpoints in the command line's workdir
   ))

@@ -36,6 +36,14 @@ trained on the LR image alone:
   one ×4 downscale by ``k * (k dilated by 2)`` (:func:`compose_x2`, size ``3K − 2``),
   exact under the project's convention away from the borders. Other scales train G
   with stride ``s`` directly.
+* **Centring** (``kernelgan.centre``): G's 13-px field sits half a pixel off the centre
+  of the 14-px grid the ×2 convention needs (an even kernel centred between pixels). G
+  is trained centred on its field's pixel (the regularisers see the field-centred grid;
+  the bicubic pull is :func:`bicubic_kernel`, centred on that pixel) and its kernel is
+  then moved the half pixel (:func:`recentre`).
+  ``"grid"`` centres it on the grid during training instead: every kernel then leans
+  along the top-left/bottom-right diagonal (the sparsity term makes the half-pixel shift
+  with one diagonal tap), whatever the image.
 * **Export**: clipped at 0 and renormalised to sum 1 (as every kfjax kernel).
 
 The training loop is ``lax.scan`` over ``steps_per_chunk`` iterations per dispatch,
@@ -54,6 +62,7 @@ import optax
 import tqdm
 
 from kfjax import checkpoint as ckpt
+from kfjax import degrade
 from kfjax import loop
 from kfjax import ops
 from kfjax import resize
@@ -75,6 +84,8 @@ def checks(g):
        "kernelgan.crop_size >= 4, d_depth >= 2, and sizes/channels >= 1 are required"),
       (g.lr > 0 and g.switch_iter >= 0 and g.lambda_update_freq >= 1,
        "kernelgan.lr must be > 0, switch_iter >= 0, lambda_update_freq >= 1"),
+      (g.centre in CENTRES,
+       f"kernelgan.centre must be one of {', '.join(CENTRES)}, got {g.centre!r}"),
   ]
 
 
@@ -141,6 +152,47 @@ def regularisers(k, mask):
   }
 
 
+CENTRES = ("pixel", "grid")
+
+
+def pixel_centred(kcfg, scale_g):
+  """Whether G is trained centred on its field's pixel: ``kernelgan.centre = "pixel"`` and
+  G's receptive field half a pixel off the centre of its kernel grid (an odd field in the
+  even grid of the ×2 convention: ``[7, 5, 3, 1, 1, 1]`` sees 13 px of 14)."""
+  field = kernel_net.cnn_field(tuple(int(x) for x in kcfg.g_sizes))
+  return kcfg.centre == "pixel" and (g_kernel_size(kcfg, scale_g) - field) % 2 == 1
+
+
+def field_grid(k):
+  """``k`` without its first row and column: for a pixel-centred G
+  (:func:`pixel_centred`) the ``K − 1`` grid whose centre is the centre of G's field
+  (:meth:`~kfjax.models.kernel_net.LinearCNN.explicit_kernel` pads the odd part of
+  ``K − F`` before the field)."""
+  return k[..., 1:, 1:]
+
+
+def bicubic_kernel(size, scale):
+  """MATLAB's antialiased bicubic ÷``scale`` kernel (``cubic(d/s)``, ``|d| < 2s``,
+  normalised; taps past either grid edge dropped in pairs) sampled at whole-pixel distances
+  from index ``size // 2``: the bicubic
+  downscale whose output pixel ``i`` is centred on input pixel ``s·i``, as a
+  pixel-centred G's is, in the project's convention (``degrade.downscale``)."""
+  d = np.arange(size) - size // 2
+  reach = min(size // 2, size - 1 - size // 2)   # (a grid too small keeps it symmetric)
+  w = resize._cubic(d / float(scale)) * (np.abs(d) < 2 * scale) * (np.abs(d) <= reach)
+  w = w / w.sum()
+  return np.outer(w, w).astype(np.float32)
+
+
+def recentre(k):
+  """A pixel-centred G's ×2 kernel (:func:`pixel_centred`) moved half a pixel up and left
+  (bilinear: the mean of each 2×2 block), so that its centre is the grid centre, where the
+  ×2 convention puts it (``degrade.downscale``). Mass is kept: the first row and column
+  of such a kernel are zero."""
+  k = np.pad(np.asarray(k, np.float64), ((0, 1), (0, 1)))
+  return 0.25 * (k[:-1, :-1] + k[1:, :-1] + k[:-1, 1:] + k[1:, 1:])
+
+
 def lambdas(kcfg, it):
   """Loss weights at iteration ``it`` (a traced int)."""
   switched = it >= int(kcfg.switch_iter)
@@ -173,6 +225,14 @@ def compose_x2(k):
     for c in range(size):
       out[2 * r:2 * r + size, 2 * c:2 * c + size] += k[r, c] * k
   return out
+
+
+def export(kcfg, raw, scale_g):
+  """G's explicit kernel ``raw`` as a kfjax ×``scale_g`` kernel: clipped at 0, sum 1,
+  and, for a pixel-centred G (:func:`pixel_centred`), moved to the grid centre
+  (:func:`recentre`)."""
+  k = kernel_net.export_kernel(raw)
+  return kernel_net.export_kernel(recentre(k)) if pixel_centred(kcfg, scale_g) else k
 
 
 # -- training -----------------------------------------------------------------------------
@@ -244,7 +304,18 @@ class KernelGAN:
       raise KfjaxError(
           f"image too small for KernelGAN: {min(h, w)} px gives {self.crop_d}-px fake patches, "
           f"below kernelgan.d_kernel={kc.d_kernel} (lower kernelgan.d_kernel or g_sizes)")
-    self.mask = jnp.asarray(boundary_mask(self.gen.ksize), jnp.float32)
+    # kernelgan.centre = "pixel": G is trained centred on the pixel its field centres on
+    # (the regularisers see the grid centred there, the bicubic pull is pixel-centred) and
+    # its kernel is moved the half pixel to the ×2 convention's centre afterwards
+    # (:func:`recentre`). Centring it on the even grid's centre during training ("grid")
+    # asks a delta-started G for a half-pixel shift, which under the |k|^0.2 sparsity it
+    # makes with a diagonal second tap: every kernel then leans top-left to bottom-right,
+    # whatever the image (BENCHMARKS.md, "KernelGAN's diagonal lean").
+    self.pixel = pixel_centred(kc, self.scale_g)
+    size = self.gen.ksize - 1 if self.pixel else self.gen.ksize
+    self.mask = jnp.asarray(boundary_mask(size), jnp.float32)
+    self.bic_kernel = (jnp.asarray(bicubic_kernel(self.gen.ksize, self.scale_g))
+                       if self.pixel else None)
     self.tx = optax.adam(float(kc.lr), b1=float(kc.beta1), b2=0.999)
 
   def init(self, rng, channels):
@@ -255,6 +326,19 @@ class KernelGAN:
 
   def kernel(self, g_params):
     return self.gen.apply(g_params, method=self.gen.explicit_kernel)
+
+  def regularised(self, k):
+    """The grid the kernel regularisers see: G's field's for a pixel-centred G."""
+    return field_grid(k) if self.pixel else k
+
+  def bicubic_target(self, crops):
+    """Bicubic ÷``scale_g`` of G's input crops, on G's output window and pixel phase."""
+    if self.pixel:
+      y = degrade.downscale(crops, self.bic_kernel, self.scale_g)
+    else:
+      y = resize.downscale_bicubic(crops, self.scale_g)
+    return y[:, self.lo:self.hi, self.lo:self.hi, :]
+
 
   def g_forward(self, g_params, crops):
     """G's shaved output on LR crops ``(B, crop_g, crop_g, C)``."""
@@ -277,13 +361,12 @@ class KernelGAN:
       g_in = _crops(image, pg, gw_g, self.crop_g, batch, k1)
       real = _crops(image, pd, gw_d, self.crop_d, batch, k2)
       lam = lambdas(kc, state.it)
-      bic_target = resize.downscale_bicubic(g_in, self.scale_g)[:, self.lo:self.hi,
-                                                                self.lo:self.hi, :]
+      bic_target = self.bicubic_target(g_in)
 
       def g_loss(gp):
         fake = self.g_forward(gp, g_in)
         adv = jnp.mean((self.d_apply(state.d_params, fake) - 1.0) ** 2)
-        regs = regularisers(self.kernel(gp), self.mask)
+        regs = regularisers(self.regularised(self.kernel(gp)), self.mask)
         regs["bicubic"] = jnp.mean((fake - bic_target) ** 2)
         total = adv + sum(lam[n] * regs[n] for n in regs)
         return total, (fake, adv, regs)
@@ -374,7 +457,7 @@ def estimate_kernel(lr_image, scale, cfg, show_progress=True, workdir=None):
   scale = int(scale)
   scale_g = 2 if scale == 4 else scale
   raw, info, _ = train(cfg, lr_image, scale_g, show_progress, workdir)
-  k = kernel_net.export_kernel(raw)
+  k = export(cfg.kernelgan, raw, scale_g)
   if scale == 4:
     k = kernel_net.export_kernel(compose_x2(k))
   info.update(seconds=round(time.time() - t0, 2), kernel_size=int(k.shape[0]),

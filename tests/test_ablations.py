@@ -287,6 +287,7 @@ def test_linear_cnn_starts_as_area_averaging():
     ({"sample.prior": "dip", "sample.two_unets": True}, "two_unets"),
     ({"kernel.net": "linear_cnn", "kernel.cnn_sizes": (9, 9, 2)}, "cnn_sizes"),
     ({"kernelgan.iterations": 0}, "kernelgan.iterations"),
+    ({"kernelgan.centre": "middle"}, "kernelgan.centre"),
     ({"kernel.init": "box"}, "kernel.init"),
     ({"sample.sparsity_weight": -1.0}, "sparsity_weight"),
     ({"sample.num_samples": 0}, "num_samples"),

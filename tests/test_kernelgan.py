@@ -67,16 +67,76 @@ def test_estimate_kernel_is_valid(trained, lr_image, monkeypatch):
 def test_x4_kernel_is_the_x2_kernel_composed(monkeypatch, lr_image):
   """At ×4, G is trained at ×2 and its kernel composed with itself (no retraining here)."""
   k2 = np.random.default_rng(0).random((6, 6)).astype(np.float32)
+  k2[0, :] = k2[:, 0] = 0   # outside smoke G's 5-px field in its 6-px grid (pads before it)
   seen = {}
 
   def fake_train(cfg, image, scale_g, show_progress=True, workdir=None):
     seen["scale_g"] = scale_g
     return k2, {"iterations": 0}, None
   monkeypatch.setattr(kernelgan, "train", fake_train)
-  k4, info = kernelgan.estimate_kernel(lr_image, 4, config_lib.preset("smoke"), False)
+  cfg = config_lib.preset("smoke")
+  k4, info = kernelgan.estimate_kernel(lr_image, 4, cfg, False)
   assert seen["scale_g"] == 2 and k4.shape == (16, 16) and info["kernel_size"] == 16
+  # (pixel-centred G, the default: its ×2 kernel is moved half a pixel first)
+  expect = kernelgan.compose_x2(kernelgan.recentre(k2 / k2.sum()))
+  np.testing.assert_allclose(k4, expect / expect.sum(), atol=1e-6)
+  cfg.kernelgan.centre = "grid"
+  k4, _ = kernelgan.estimate_kernel(lr_image, 4, cfg, False)
   expect = kernelgan.compose_x2(k2 / k2.sum())
   np.testing.assert_allclose(k4, expect / expect.sum(), atol=1e-6)
+
+
+def test_bicubic_kernel_is_matlab_bicubic_centred_on_a_pixel():
+  """MATLAB's ÷2 bicubic (``cubic(d/2)``, |d| < 4) sampled at whole-pixel distances:
+  −1, 0, 9, 16, 9, 0, −1 (/32) around index K/2, so that output pixel i of
+  ``degrade.downscale`` is centred on input pixel 2i, as a pixel-centred G's is."""
+  w = np.zeros(14)
+  w[4:11] = np.array([-1, 0, 9, 16, 9, 0, -1]) / 32.0
+  kb = kernelgan.bicubic_kernel(14, 2)
+  np.testing.assert_allclose(kb, np.outer(w, w), atol=1e-7)
+  x = np.random.default_rng(3).normal(size=(40, 44, 2))
+  y = degrade.downscale_np(x, kb, 2)
+  taps = np.array([-1, 0, 9, 16, 9, 0, -1]) / 32.0
+  ref = np.zeros((12, 14, 2))
+  for i in range(12):
+    for j in range(14):
+      patch = x[2 * (i + 2) - 3:2 * (i + 2) + 4, 2 * (j + 2) - 3:2 * (j + 2) + 4]
+      ref[i, j] = np.einsum("a,b,abc->c", taps, taps, patch)
+  np.testing.assert_allclose(y[2:14, 2:16], ref, atol=1e-12)
+
+
+def test_recentre_moves_a_field_centred_kernel_half_a_pixel_to_the_grid_centre():
+  k = np.zeros((14, 14))
+  k[1:, 1:] = _gaussian(13, 1.7) * np.linspace(1, 2, 13)[:, None]   # field rows/cols 1-13
+  out = kernelgan.recentre(k)
+  assert out.shape == (14, 14) and abs(out.sum() - k.sum()) < 1e-12
+  centroid = lambda a: np.array([(np.arange(14)[:, None] * a).sum(), (np.arange(14) * a).sum()]) / a.sum()
+  np.testing.assert_allclose(centroid(out), centroid(k) - 0.5, atol=1e-12)
+  sym = np.zeros((14, 14))
+  sym[1:, 1:] = _gaussian(13, 1.3)              # symmetric about the field centre (7, 7)
+  out = kernelgan.recentre(sym)
+  np.testing.assert_allclose(out, out[::-1, ::-1], atol=1e-15)   # … now about (6.5, 6.5)
+
+
+def test_pixel_centred_g_is_regularised_around_its_field_centre():
+  """A G that is a delta at its field's centre (its start) pays no centring cost when
+  trained pixel-centred, and half a pixel's worth in both axes when centred on the grid."""
+  cfg = config_lib.preset("smoke")
+  assert kernelgan.pixel_centred(cfg.kernelgan, 2)
+  assert not kernelgan.pixel_centred(cfg.kernelgan, 3)      # odd grid: the field's own centre
+  pixel = kernelgan.KernelGAN(cfg, (20, 24, 3), 2)
+  cfg.kernelgan.centre = "grid"
+  grid = kernelgan.KernelGAN(cfg, (20, 24, 3), 2)
+  assert pixel.pixel and not grid.pixel
+  delta = jnp.zeros((6, 6)).at[3, 3].set(1.0)   # smoke G's 5-px field occupies rows/cols 1-5
+  regs_p = kernelgan.regularisers(pixel.regularised(delta), pixel.mask)
+  regs_g = kernelgan.regularisers(grid.regularised(delta), grid.mask)
+  assert float(regs_p["centralized"]) < 1e-12 and float(regs_p["boundaries"]) == 0
+  assert float(regs_g["centralized"]) == pytest.approx(0.25)
+  # A grid too small for the 7 taps keeps the symmetric part: smoke's 6 px hold d = −2 … 2.
+  np.testing.assert_allclose(pixel.bic_kernel[3, 1:], np.array([0, 9, 16, 9, 0]) / 34 * 16 / 34,
+                             atol=1e-7)
+  assert float(pixel.bic_kernel[0].sum()) == 0
 
 
 @pytest.mark.parametrize("size", [6, 12])

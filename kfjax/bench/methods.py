@@ -297,7 +297,7 @@ def register_variant(name, overrides, doc=None):
 _LATER_FIELDS = (("ddm4ip", "normalise", False), ("ddm4ip", "max_radius", 0.0),
                  ("ddm4ip", "threshold", 0.0), ("ddm4ip", "blend", 0.0),
                  ("ddm4ip", "x4", "compose"), ("ddm4ip", "on_diverge", "last_healthy"),
-                 ("ike", "d_batch", "separate"))
+                 ("ike", "d_batch", "separate"), ("kernelgan", "centre", "grid"))
 # Fields that never change a result (when the command line checkpoints): left out always.
 _RUN_ONLY_FIELDS = (("kernelgan", "checkpoint_every"), ("ddm4ip", "checkpoint_every"),
                     ("ike", "checkpoint_every"))
