@@ -77,9 +77,19 @@ def test_x4_kernel_is_the_x2_kernel_composed(monkeypatch, lr_image):
   cfg = config_lib.preset("smoke")
   k4, info = kernelgan.estimate_kernel(lr_image, 4, cfg, False)
   assert seen["scale_g"] == 2 and k4.shape == (16, 16) and info["kernel_size"] == 16
-  # (pixel-centred G, the default: its ×2 kernel is moved half a pixel first)
-  expect = kernelgan.compose_x2(kernelgan.recentre(k2 / k2.sum()))
+  # Pixel-centred G (the default): composed first, then moved 1.5 px to the ×4 grid's
+  # centre, with one half-pixel blur (variance +1/4 per axis, not +5/4).
+  k2n = k2 / k2.sum()
+  composed = kernelgan.compose_x2(k2n)
+  expect = kernelgan.recentre(np.pad(composed[1:, 1:], ((0, 1), (0, 1))))
   np.testing.assert_allclose(k4, expect / expect.sum(), atol=1e-6)
+  r2, r4 = np.arange(6), np.arange(16)
+  mean2 = (k2n.sum(1) * r2).sum()
+  mean4 = (k4.sum(1) * r4).sum()
+  assert mean4 == pytest.approx(3 * mean2 - 1.5, abs=1e-5)      # centred as the ×4 grid wants
+  var2 = (k2n.sum(1) * (r2 - mean2) ** 2).sum()
+  var4 = (k4.sum(1) * (r4 - mean4) ** 2).sum()
+  assert var4 == pytest.approx(5 * var2 + 0.25, abs=1e-4)
   cfg.kernelgan.centre = "grid"
   k4, _ = kernelgan.estimate_kernel(lr_image, 4, cfg, False)
   expect = kernelgan.compose_x2(k2 / k2.sum())
