@@ -349,7 +349,6 @@ class KernelGAN:
       y = resize.downscale_bicubic(crops, self.scale_g)
     return y[:, self.lo:self.hi, self.lo:self.hi, :]
 
-
   def g_forward(self, g_params, crops):
     """G's shaved output on LR crops ``(B, crop_g, crop_g, C)``."""
     y = self.gen.apply(g_params, crops, method=self.gen.downscale)
