@@ -307,8 +307,9 @@ def run(paths, cfg, out, *, kernel_path=None, method="kernelfusion", show_progre
   Images of one size run together over this process's devices, ``per_device`` on each
   (:func:`plan_groups`; ``kernelfusion`` with one sample per image and a Phase 2 that the
   output reads: other runs go one at a time). A failing image is recorded (status
-  ``failed`` with its one-line error) and the rest go on; :class:`kfjax.loop.Stopped` (SIGTERM) ends the batch after the current
-  checkpoint, with this process's part and the report written.
+  ``failed`` with its one-line error) and the rest go on; :class:`kfjax.loop.Stopped`
+  (SIGTERM) ends the batch after the current checkpoint, with this process's part and the
+  report written.
   """
   import jax  # noqa: PLC0415 (imports JAX; --help stays fast)
   from kfjax import phase2  # noqa: PLC0415
