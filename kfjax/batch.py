@@ -97,18 +97,60 @@ def image_size(path):
     return None
 
 
-def estimate_cost(cfg, size):
-  """A relative cost of one image of ``size = (h, w)`` under ``cfg``: Phase 1 trains on
-  fixed-size crops (steps × batch × crop²), Phase 2 runs its Adam iterations over the HR
-  image (two U-Net passes and one PD pass per iteration, ~3 × h·w·s²)."""
+# Seconds per unit of work for each part of a run, from the `cpu` preset's measured times
+# (BENCHMARKS.md, "Batch: the cost model"). Only ratios matter: they set how much of an
+# image's cost grows with its pixels (the Phase 2 / restoration terms) and how much is a
+# per-image constant (training on fixed-size crops), which decides the balance between
+# processes when images differ in size.
+UNIT_SECONDS = {
+    "phase1": 5.0e-6,     # PD training: per crop pixel per sample per step
+    "phase2": 2.0e-6,     # Phase 2: per HR pixel per network pass (≈ 3 per iteration)
+    "restore": 1.0e-7,    # TV restoration: per HR pixel per Adam step
+    "kernelgan": 8.4e-7,  # KernelGAN: per crop pixel per iteration
+    "ddm4ip": 2.7e-6,     # DDM4IP: per patch pixel per sample per step (both stages)
+    "ike": 2.2e-5,        # IKE: per crop pixel per iteration
+}
+
+
+def estimate_cost(cfg, size, method="kernelfusion", kernel_given=False):
+  """The estimated cost (≈ seconds, :data:`UNIT_SECONDS`) of one image of ``size = (h, w)``
+  under ``cfg`` with ``method``; ``kernel_given``: a non-blind run (``--kernel``).
+
+  KernelFusion: Phase 1 trains on fixed-size crops (steps × batch × crop²), Phase 2 runs
+  its iterations over the HR image (two U-Net passes and one PD pass each), then the TV
+  restoration if ``restore.final``; a non-blind run that skips both phases
+  (:func:`kfjax.phase2.reads_phase2`) is the restoration alone. KernelGAN and DDM4IP train
+  on fixed-size crops, then restore; IKE trains on crops and its inverse pass gives the
+  image (no per-pixel term worth counting).
+  """
   if size is None:
     return 0.0
+  from kfjax import phase2  # noqa: PLC0415 (imports JAX; --help stays fast)
+  u = UNIT_SECONDS
   h, w = size
   s = int(cfg.scale)
+  hr = h * w * s * s
+  restore = u["restore"] * int(cfg.restore.steps) * hr
+  if method == "ike":
+    c = cfg.ike
+    return u["ike"] * int(c.iterations) * int(c.crop) ** 2
+  if method == "kernelgan":
+    c = cfg.kernelgan
+    return u["kernelgan"] * int(c.iterations) * int(c.batch_size) * int(c.crop_size) ** 2 + restore
+  if method == "ddm4ip":
+    c = cfg.ddm4ip
+    s_g = 2 if s == 4 and c.x4 == "compose" else s
+    flow = int(c.flow_steps) * int(c.flow_batch) * int(c.patch) ** 2
+    match = int(c.match_steps) * int(c.match_batch) * (s_g * int(c.patch)) ** 2
+    return u["ddm4ip"] * (flow + match) + restore
+  restore = restore if cfg.restore.final else 0.0
+  if kernel_given and not phase2.reads_phase2(cfg, blind=False):
+    return restore
   crop = min(int(cfg.train.crop_size), h, w)
   phase1 = 0 if cfg.sample.prior == "dip" else int(cfg.train.steps) * int(cfg.train.batch_size) * crop * crop
   iters = int(cfg.sample.n_iter_first) + (int(cfg.sample.num_steps) - 1) * int(cfg.sample.n_iter)
-  return float(phase1 + 3 * iters * int(cfg.sample.num_samples) * h * w * s * s)
+  passes = 3 * iters * int(cfg.sample.num_samples) * hr
+  return float(u["phase1"] * phase1 + u["phase2"] * passes + restore)
 
 
 def shares(costs, num_processes):
@@ -320,7 +362,7 @@ def run(paths, cfg, out, *, kernel_path=None, method="kernelfusion", show_progre
     raise KfjaxError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
   by_name = {n: p for p, n in names.items()}
   sizes = {n: image_size(p) for n, p in by_name.items()}
-  costs = {n: estimate_cost(cfg, sizes[n]) for n in by_name}
+  costs = {n: estimate_cost(cfg, sizes[n], method, bool(kernel_path)) for n in by_name}
   mine = shares(costs, num_processes)[process]
   devices = jax.local_device_count()
   # A given kernel with restore.final from the bicubic start skips both phases

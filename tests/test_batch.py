@@ -133,6 +133,32 @@ def test_estimate_cost_grows_with_pixels_and_scale():
   assert batch.estimate_cost(cfg, None) == 0.0
 
 
+def test_estimate_cost_follows_what_each_method_runs():
+  cfg = config_lib.preset("cpu")   # restore.final from the bicubic start
+  u, px = batch.UNIT_SECONDS, lambda h, w: h * w * int(cfg.scale) ** 2
+  tv = lambda h, w: u["restore"] * int(cfg.restore.steps) * px(h, w)
+  cost = lambda size, *a: batch.estimate_cost(cfg, size, *a)
+  # A non-blind run that skips both phases is its restoration alone: all per pixel.
+  assert cost((64, 64), "kernelfusion", True) == pytest.approx(tv(64, 64))
+  assert cost((128, 128), "kernelfusion", True) == pytest.approx(16 * cost((32, 32), "kernelfusion", True))
+  assert cost((64, 64), "kernelfusion", True) < cost((64, 64)) / 10
+  # KernelGAN and DDM4IP: the same training for every size, then the restoration.
+  for m in ("kernelgan", "ddm4ip"):
+    assert cost((128, 128), m) - cost((64, 64), m) == pytest.approx(tv(128, 128) - tv(64, 64))
+    assert cost((64, 64), m) > tv(64, 64)
+  # IKE's image comes from its inverse pass: the cost does not depend on the size.
+  assert cost((64, 64), "ike") == cost((256, 256), "ike") > 0
+  # Without restore.final a non-blind run needs Phase 2 (its output), and Phase 1 for it.
+  cfg.restore.final = False
+  assert cost((64, 64), "kernelfusion", True) == cost((64, 64), "kernelfusion", False)
+  # The `cpu` ×4 numbers the constants come from (BENCHMARKS.md): a 64² LR image costs
+  # Phase 1 ≈ 41 s + Phase 2 ≈ 322 s, and with the restoration ≈ 10 s more.
+  cfg.scale = 4
+  assert cost((64, 64)) == pytest.approx(41 + 322, rel=0.02)
+  cfg.restore.final = True
+  assert cost((64, 64)) - cost((64, 64), "kernelfusion", True) == pytest.approx(41 + 322, rel=0.02)
+
+
 def test_merge_report_is_idempotent_and_prefers_finished_rows(tmp_path):
   cfg = ml_collections.ConfigDict({"name": "smoke"})
   row = lambda n, s, p, e="": batch._row(n, f"/i/{n}.png", s, p, cfg, error=e)
