@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
 
@@ -181,13 +182,37 @@ def test_runner_seeds_repeat_rows_and_report_the_spread(smoke_cfg, tmp_path):
   finally:
     del methods.METHODS["test_seeded"]
   n = len(specs)
+  assert int(smoke_cfg.seed) == 0
   assert len(seen) == 2 * n and len(rows) == 2 * n
-  assert sorted(set(seen)) == [(3, "test_seeded"), (5, "test_seeded-seed5")]
+  # Only the config's own seed (0) writes to runs/<case>/<method>/: a later run of seed 0
+  # in the same workdir must not overwrite seed 3's outputs.
+  assert sorted(set(seen)) == [(3, "test_seeded-seed3"), (5, "test_seeded-seed5")]
   assert sorted({r["seed"] for r in rows}) == ["3", "5"]
   assert len({r["config"] for r in rows}) == 2            # the seed is in the fingerprint
-  for c in [s.name for s in specs]:
-    assert os.path.exists(os.path.join(wd, "runs", c, "test_seeded", "sr.png"))
+  cases = [s.name for s in specs]
+  three = {c: iio.imread(os.path.join(wd, "runs", c, "test_seeded-seed3", "sr.png"))
+           for c in cases}
+  for c in cases:
     assert os.path.exists(os.path.join(wd, "runs", c, "test_seeded-seed5", "sr.png"))
+    assert not os.path.exists(os.path.join(wd, "runs", c, "test_seeded"))
+  methods.register("test_seeded")(seeded)
+  try:
+    zero = runner.run(specs, ["test_seeded"], smoke_cfg, wd, border=2, show_progress=False,
+                      seeds=[0])
+  finally:
+    del methods.METHODS["test_seeded"]
+  assert sorted(set(seen))[0] == (0, "test_seeded") and len(zero) == n
+  for c in cases:
+    np.testing.assert_array_equal(
+        iio.imread(os.path.join(wd, "runs", c, "test_seeded-seed3", "sr.png")), three[c])
+    assert not np.array_equal(
+        iio.imread(os.path.join(wd, "runs", c, "test_seeded", "sr.png")), three[c])
+  # The figures of seed 3 read its own folders, not seed 0's.
+  assert report.write(rows, wd, figure_seed=3, base_seed=0)[1:] != []
+  crops = iio.imread(os.path.join(wd, "figures", "crops.png"))
+  report.write(rows, wd, figure_seed=3, base_seed=3)   # seed 3 looked for in test_seeded/
+  assert not np.array_equal(iio.imread(os.path.join(wd, "figures", "crops.png")), crops)
+  seen[:] = [x for x in seen if x[0] != 0]
   # The spread table: per-seed means over the cases and their sample sd, by NumPy.
   per_seed = []
   for seed in (3, 5):

@@ -103,7 +103,8 @@ def main(argv):
     _fail(f"interrupted; finished rows are in {workdir}/results.csv and are skipped on re-run")
   command = "python -m kfjax.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
   paths = report.write(rows, workdir, title=f"kfjax benchmark: suite {_SUITE.value}",
-                       command=command, figure_seed=seeds[0] if seeds else cfg.seed)
+                       command=command, figure_seed=seeds[0] if seeds else cfg.seed,
+                       base_seed=cfg.seed)
   failed = sum(r["status"] == "error" for r in rows)
   print(f"kfjax.bench: {len(rows)} rows ({failed} failed); report: {', '.join(paths)}")
   if failed:

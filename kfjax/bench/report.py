@@ -209,8 +209,9 @@ def _load(path):
   return kio.load_image(path)[0] if os.path.exists(path) else None
 
 
-def kernels_figure(rows, workdir, path):
-  """True vs estimated kernels, one row per case with a true kernel."""
+def kernels_figure(rows, workdir, path, folder=lambda m: m):
+  """True vs estimated kernels, one row per case with a true kernel; a method's kernel
+  from ``runs/<case>/<folder(method)>/``."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -218,7 +219,7 @@ def kernels_figure(rows, workdir, path):
   cases = [c for c in cases
            if os.path.exists(os.path.join(workdir, "cases", c, "kernel.npy"))]
   est = [m for m in _methods(rows)
-         if any(os.path.exists(os.path.join(workdir, "runs", c, m, "kernel.npy")) for c in cases)]
+         if any(os.path.exists(os.path.join(workdir, "runs", c, folder(m), "kernel.npy")) for c in cases)]
   if not cases or not est:
     return None
   ncols = 1 + len(est)
@@ -230,7 +231,7 @@ def kernels_figure(rows, workdir, path):
     axes[i, 0].set_title("true", fontsize=8)
     axes[i, 0].set_ylabel(c.replace("_", "\n", 2), fontsize=6)
     for j, m in enumerate(est, 1):
-      p = os.path.join(workdir, "runs", c, m, "kernel.npy")
+      p = os.path.join(workdir, "runs", c, folder(m), "kernel.npy")
       r = next((r for r in rows if r["case"] == c and r["method"] == m), None)
       if os.path.exists(p):
         axes[i, j].imshow(_kernel_img(np.load(p)), cmap="magma")
@@ -245,8 +246,9 @@ def kernels_figure(rows, workdir, path):
   return path
 
 
-def crops_figure(rows, workdir, path, max_cases=4, crop=64):
-  """Same crop of HR, LR and each method's SR for the first ``max_cases`` cases."""
+def crops_figure(rows, workdir, path, max_cases=4, crop=64, folder=lambda m: m):
+  """Same crop of HR, LR and each method's SR for the first ``max_cases`` cases (a
+  method's from ``runs/<case>/<folder(method)>/``)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -268,7 +270,7 @@ def crops_figure(rows, workdir, path, max_cases=4, crop=64):
     lr_up = np.repeat(np.repeat(lr, s, 0), s, 1)
     panels = [("HR", box(hr)), ("LR", box(lr_up))]
     for m in meths:
-      sr = _load(os.path.join(workdir, "runs", c, m, "sr.png"))
+      sr = _load(os.path.join(workdir, "runs", c, folder(m), "sr.png"))
       r = next((r for r in rows if r["case"] == c and r["method"] == m), None)
       if sr is not None and r is not None:
         panels.append((f"{m}\n{_cell(_num(r['psnr']), '{:.2f}')} dB", box(sr)))
@@ -297,16 +299,22 @@ def _savefig(fig, path):
   os.replace(tmp, path)
 
 
-def write(rows, workdir, title="kfjax benchmark", command=None, figure_seed=None):
-  """Write ``report.md`` and the figures; returns their paths. The figures show the
-  outputs in ``runs/<case>/<method>/``, i.e. the rows of the config's own seed
-  (``figure_seed``; default: every row)."""
+def write(rows, workdir, title="kfjax benchmark", command=None, figure_seed=None,
+          base_seed=None):
+  """Write ``report.md`` and the figures; returns their paths. The figures show the rows
+  of ``figure_seed`` (default: every row) from their folders: ``runs/<case>/<method>/``
+  for the config's own seed ``base_seed`` (or when either is None), ``<method>-seed<N>/``
+  for another (:func:`kfjax.bench.runner.method_dir`)."""
   md = os.path.join(workdir, "report.md")
   kio.save_text_atomic(md, markdown(rows, title, command))
   fig_rows = rows if figure_seed is None else [r for r in rows
                                                if _seed(r) in ("", str(figure_seed))]
-  figs = [kernels_figure(fig_rows, workdir, os.path.join(workdir, "figures", "kernels.png")),
-          crops_figure(fig_rows, workdir, os.path.join(workdir, "figures", "crops.png"))]
+  own = figure_seed is None or base_seed is None or int(figure_seed) == int(base_seed)
+  folder = lambda m: runner.method_dir(m, None if own else int(figure_seed))
+  figs = [kernels_figure(fig_rows, workdir, os.path.join(workdir, "figures", "kernels.png"),
+                         folder=folder),
+          crops_figure(fig_rows, workdir, os.path.join(workdir, "figures", "crops.png"),
+                       folder=folder)]
   return [md] + [f for f in figs if f]
 
 

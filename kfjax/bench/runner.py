@@ -6,8 +6,10 @@ Layout of ``workdir``::
     runs/<case>/pd-<fp>/     PD trained on the case's LR image, shared by its methods
     runs/<case>/<method>/    sr.png, kernel.npy (if any) and info.json (the method's own
                              record: phase seconds, DDM4IP's fallbacks, ...) of that method
-                             (with ``seeds``, of the first seed; the others in
-                             ``<method>-seed<N>/``)
+                             (with ``seeds``, of the config's own seed ``cfg.seed``;
+                             the others in ``<method>-seed<N>/``, so that runs of one
+                             workdir split over several ``--seeds`` never overwrite
+                             each other's outputs)
     results.csv              every finished row (rewritten atomically after each row)
     errors.log               tracebacks of failed rows
     report.md, figures/      written by :mod:`kfjax.bench.report`
@@ -95,7 +97,7 @@ def _plain(v):
 
 def method_dir(method, seed=None):
   """Folder name of a method's outputs under ``runs/<case>/``: ``<method>``, or
-  ``<method>-seed<N>`` for a seed other than a run's first."""
+  ``<method>-seed<N>`` for a seed other than the config's own (``seed`` None)."""
   return method if seed is None else f"{method}-seed{seed}"
 
 
@@ -143,7 +145,7 @@ def run(specs, method_names, cfg, workdir, border=8, show_progress=True, log=pri
   csv_path = os.path.join(workdir, "results.csv")
   rows = read_rows(csv_path)
   seeds = [int(cfg.seed)] if not seeds else list(dict.fromkeys(int(s) for s in seeds))
-  base = seeds[0]               # its outputs go to runs/<case>/<method>/ (the figures')
+  base = int(cfg.seed)          # its outputs go to runs/<case>/<method>/, whichever run
   cfgs = {s: cfg if s == int(cfg.seed) else methods_lib.with_overrides(cfg, {"seed": s})
           for s in seeds}
   fps = {(s, m): methods_lib.fingerprint_of(c, m) for s, c in cfgs.items()
