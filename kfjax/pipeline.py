@@ -206,7 +206,8 @@ def run(image_path, cfg, workdir, kernel_path=None, show_progress=True, method="
   PD, which Phase 2 needs). A non-blind run (a given kernel, or KernelGAN's) whose
   ``restore.final`` starts from the bicubic upscale skips both phases: its output is that
   TV restoration, which reads nothing of them (:func:`kfjax.phase2.reads_phase2`).
-  ``method="ddm4ip"`` estimates it with DDM4IP (``kfjax.ddm4ip``, ``cfg.ddm4ip``) and restores with the TV solver (``cfg.restore``);
+  ``method="ddm4ip"`` estimates it with DDM4IP (``kfjax.ddm4ip``, ``cfg.ddm4ip``) and
+  restores with the TV solver (``cfg.restore``);
   ``method="ike"`` runs IKE (``kfjax.ike``, ``cfg.ike``), which gives both. With ``sample.prior = "dip"`` Phase 1 is skipped (no PD).
   """
   validate_config(cfg)

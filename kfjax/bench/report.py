@@ -309,8 +309,7 @@ def write(rows, workdir, title="kfjax benchmark", command=None, figure_seed=None
   kio.save_text_atomic(md, markdown(rows, title, command))
   fig_rows = rows if figure_seed is None else [r for r in rows
                                                if _seed(r) in ("", str(figure_seed))]
-  own = figure_seed is None or base_seed is None or int(figure_seed) == int(base_seed)
-  folder = lambda m: runner.method_dir(m, None if own else int(figure_seed))
+  folder = lambda m: runner.method_dir(m, figure_seed, base_seed)
   figs = [kernels_figure(fig_rows, workdir, os.path.join(workdir, "figures", "kernels.png"),
                          folder=folder),
           crops_figure(fig_rows, workdir, os.path.join(workdir, "figures", "crops.png"),

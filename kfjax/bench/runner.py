@@ -95,10 +95,13 @@ def _plain(v):
   return str(v)
 
 
-def method_dir(method, seed=None):
-  """Folder name of a method's outputs under ``runs/<case>/``: ``<method>``, or
-  ``<method>-seed<N>`` for a seed other than the config's own (``seed`` None)."""
-  return method if seed is None else f"{method}-seed{seed}"
+def method_dir(method, seed=None, own_seed=None):
+  """Folder name of a method's outputs under ``runs/<case>/``: ``<method>`` for the
+  config's own seed ``own_seed`` (or when either is None), ``<method>-seed<N>`` for
+  another seed."""
+  if seed is None or own_seed is None or int(seed) == int(own_seed):
+    return method
+  return f"{method}-seed{int(seed)}"
 
 
 def run_one(spec, method, cfg, workdir, border, out_name=None):
@@ -165,7 +168,7 @@ def run(specs, method_names, cfg, workdir, border=8, show_progress=True, log=pri
       continue
     bar.set_postfix_str(f"{spec.name} / {m}" + (f" / seed {seed}" if len(seeds) > 1 else ""))
     row = run_one(spec, m, cfgs[seed], workdir, border,
-                  method_dir(m, None if seed == base else seed))
+                  method_dir(m, seed, base))
     if key in index:
       rows[index[key]] = row
     else:
