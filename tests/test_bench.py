@@ -346,7 +346,8 @@ def test_kernelfusion_and_nonblind_share_phase1(smoke_cfg, tmp_path):
   # stored run: the same numbers as the runner's rows.
   from kfjax.bench import postprocess
   postprocess.main(["--workdir", wd, "--thresholds", "0,0.9", "--sigmas", "0.5,0.35",
-                    "--border", "2", "--weights", "1e-4", "--blends", "1"])
+                    "--border", "2", "--weights", "1e-4", "--blends", "1",
+                    "--blend_sigmas", "0.5"])
   with open(os.path.join(wd, "postprocess.csv")) as f:
     (pp,) = list(csv.DictReader(f))
   assert float(pp["thr0"]) == pytest.approx(float(rows[2]["subpixel_psnr"]), abs=1e-3)
@@ -361,6 +362,9 @@ def test_kernelfusion_and_nonblind_share_phase1(smoke_cfg, tmp_path):
   assert pp["thr0_w0.0001"] == pp["thr0"]   # the config's own weight, computed again
   # Blend weight 1 is the Gaussian of kernel.blend_sigma = 0.35 alone (another code path).
   assert float(pp["thr0_b1"]) == pytest.approx(float(pp["gauss0.35"]), abs=1e-3)
+  # ... and with --blend_sigmas, the Gaussian of that std instead.
+  assert float(pp["thr0_b1_s0.5"]) == pytest.approx(float(pp["gauss0.5"]), abs=1e-3)
+  assert float(pp["thr0_b1_s0.5"]) != pytest.approx(float(pp["thr0_b1"]), abs=1e-3)
   # Phase 2's own kernel and image are stored beside the finished ones (equal here: the
   # smoke preset post-processes nothing).
   kf = [d for d in os.listdir(case_dir) if d.startswith("kf-")][0]

@@ -20,7 +20,8 @@ own in ``sr.npy`` / ``kernel.npy``).
 * ``thr<T>_w<W>``: ``thr<T>`` with the TV weight ``W`` instead of the config's (``--weights``);
 * ``thr<T>_b<B>``: ``thr<T>`` with the thresholded kernel then blended with the Gaussian
   of ``kernel.blend_sigma`` at weight ``B`` (``--blends``): ``kernel.threshold=T
-  kernel.blend=B``;
+  kernel.blend=B``; ``thr<T>_b<B>_s<σ>``: the same with the Gaussian's std ``σ·s`` instead
+  (``--blend_sigmas``: ``kernel.blend_sigma=σ``);
 * ``gauss<σ>``: the TV solver with a fixed isotropic Gaussian of std ``σ·s`` in place of an
   estimate (what knowing nothing about the kernel buys).
 
@@ -113,8 +114,11 @@ def diverged(run_dir):
 
 
 def score_run(spec, run_dir, cases_dir, thresholds, sigmas, rcfg, border=8, weights=(),
-              blends=(), blend_sigma=0.35, max_radius=0.0, on_diverge="last_healthy"):
-  """The row of one run: every column of the module docstring. ``max_radius`` > 0: a
+              blends=(), blend_sigma=0.35, max_radius=0.0, on_diverge="last_healthy",
+              blend_sigmas=()):
+  """The row of one run: every column of the module docstring. ``blend_sigmas``: the
+  other blend Gaussians' stds (× the scale) to score beside ``blend_sigma``; the spread /
+  diverged fallback stays the ``blend_sigma`` Gaussian. ``max_radius`` > 0: a
   kernel whose RMS radius passes ``max_radius × scale`` is scored, in every ``thr``
   column, as the generic Gaussian it would become (:func:`kfjax.ddm4ip.finish_kernel`);
   the row's ``spread`` is then 1. ``on_diverge="generic"``: the same for a run whose
@@ -154,6 +158,9 @@ def score_run(spec, run_dir, cases_dir, thresholds, sigmas, rcfg, border=8, weig
       row[f"thr{t:g}_w{w:g}"] = aligned(restore.solve_cfg(case.lr, k, s, other)[0])
     for b in blends:
       row[f"thr{t:g}_b{b:g}"] = aligned(tv(post(kernel_net.blend_kernel(k, b, blend_sigma * s))))
+      for bs in blend_sigmas:
+        row[f"thr{t:g}_b{b:g}_s{bs:g}"] = aligned(
+            tv(post(kernel_net.blend_kernel(k, b, bs * s))))
   grid = (case.kernel if known else k_est).shape[0]
   for sg in sigmas:
     row[f"gauss{sg:g}"] = aligned(tv(kernels.gaussian(grid, s, sigma=sg * s)))
@@ -201,15 +208,21 @@ def main(argv=None):
                   "with the estimated kernel thresholded (columns thr<T>_w<W>)")
   ap.add_argument("--blends", default="", help="also these kernel.blend weights after each "
                   "threshold (columns thr<T>_b<B>)")
+  ap.add_argument("--blend_sigmas", default="", help="with --blends, also blend toward "
+                  "Gaussians of these stds × the scale instead of kernel.blend_sigma "
+                  "(columns thr<T>_b<B>_s<σ>)")
   args = ap.parse_args(argv)
   try:
     thresholds = [float(t) for t in args.thresholds.split(",") if t]
     sigmas = [float(t) for t in args.sigmas.split(",") if t]
     weights = [float(t) for t in args.weights.split(",") if t]
     blends = [float(t) for t in args.blends.split(",") if t]
+    blend_sigmas = [float(t) for t in args.blend_sigmas.split(",") if t]
   except ValueError:
-    sys.exit("kfjax.bench.postprocess: error: --thresholds, --sigmas, --weights and --blends "
-             "take numbers")
+    sys.exit("kfjax.bench.postprocess: error: --thresholds, --sigmas, --weights, --blends and "
+             "--blend_sigmas take numbers")
+  if blend_sigmas and not blends:
+    sys.exit("kfjax.bench.postprocess: error: --blend_sigmas needs --blends")
   found = runs(args.workdir, [c for c in args.configs.split(",") if c], args.method)
   if not found:
     sys.exit(f"kfjax.bench.postprocess: error: no stored {args.method} run under "
@@ -220,7 +233,7 @@ def main(argv=None):
   for spec, d, _ in found:
     row = score_run(spec, d, os.path.join(args.workdir, "cases"), thresholds, sigmas, rcfg,
                     args.border, weights, blends, base.kernel.blend_sigma, args.max_radius,
-                    args.on_diverge)
+                    args.on_diverge, blend_sigmas)
     rows.append(row)
     print(f"{row['case']} [{row['config']}] " + " ".join(
         f"{k} {v:.2f}" for k, v in row.items() if k not in ("case", "config")), flush=True)
